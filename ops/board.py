@@ -1,0 +1,137 @@
+"""A live terminal board of one study and the worker processes running it.
+
+The board reads the study from the storage (trial counts by state, best
+value, which trial each worker runs) and the workers' state from whoever
+started them, and redraws once a second. On a non-terminal it prints one line
+whenever the counts change instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import optuna
+from rich.console import Console, Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from ops import studies
+
+
+@dataclass
+class WorkerView:
+    """What the board shows of one worker."""
+
+    name: str
+    pid: int
+    state: str  # "running", "exited 0", "exited 1", ...
+    last_log_line: str = ""
+
+
+class WorkerSource(Protocol):
+    def worker_views(self) -> list[WorkerView]: ...
+
+
+@dataclass
+class StudySnapshot:
+    counts: dict[str, int]
+    best_value: float | None
+    best_number: int | None
+    running_by_worker: dict[str, int] = field(default_factory=dict)
+
+
+def take_snapshot(study: optuna.Study) -> StudySnapshot:
+    trials = study.get_trials(deepcopy=False)
+    best = studies.best_trial(study)
+    running = {
+        trial.user_attrs["worker"]: trial.number
+        for trial in trials
+        if trial.state.name == "RUNNING" and "worker" in trial.user_attrs
+    }
+    return StudySnapshot(
+        counts=studies.count_states(trials),
+        best_value=best.value if best else None,
+        best_number=best.number if best else None,
+        running_by_worker=running,
+    )
+
+
+def _format_elapsed(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours:d}:{minutes:02d}:{secs:02d}"
+
+
+def render(study_name: str, target: int, snapshot: StudySnapshot, workers: list[WorkerView],
+           elapsed: float, hostname: str) -> Group:
+    counts = snapshot.counts
+    finished = studies.finished_count(counts)
+    header = Text.assemble(
+        ("study ", "dim"), (study_name, "bold"),
+        ("  elapsed ", "dim"), _format_elapsed(elapsed),
+        ("  finished ", "dim"), f"{finished}/{target}",
+    )
+
+    trial_table = Table(show_edge=False, header_style="bold")
+    for state in studies.STATE_ORDER:
+        trial_table.add_column(state.lower(), justify="right")
+    trial_table.add_column("best value", justify="right")
+    best = "-" if snapshot.best_value is None else f"{snapshot.best_value:.4f} (trial {snapshot.best_number})"
+    trial_table.add_row(*(str(counts[state]) for state in studies.STATE_ORDER), best)
+
+    worker_table = Table(show_edge=False, header_style="bold")
+    for column in ("worker", "pid", "state", "trial", "last log line"):
+        worker_table.add_column(column, overflow="ellipsis", no_wrap=True)
+    for worker in workers:
+        trial_number = snapshot.running_by_worker.get(f"{hostname}:{worker.pid}")
+        style = "green" if worker.state == "running" else ("red" if worker.state not in ("exited 0",) else "dim")
+        worker_table.add_row(
+            worker.name,
+            str(worker.pid),
+            Text(worker.state, style=style),
+            "-" if trial_number is None else f"#{trial_number}",
+            worker.last_log_line[-80:],
+        )
+    return Group(header, trial_table, worker_table)
+
+
+def summary_line(study_name: str, target: int, snapshot: StudySnapshot, elapsed: float) -> str:
+    counts = snapshot.counts
+    best = "-" if snapshot.best_value is None else f"{snapshot.best_value:.4f}"
+    return (
+        f"{study_name}: {studies.finished_count(counts)}/{target} finished "
+        f"(complete {counts['COMPLETE']}, pruned {counts['PRUNED']}, failed {counts['FAIL']}, "
+        f"running {counts['RUNNING']}), best {best}, elapsed {_format_elapsed(elapsed)}"
+    )
+
+
+def watch(study: optuna.Study, target: int, source: WorkerSource, *, until_done, console: Console,
+          hostname: str, interval: float = 1.0, clock=time.monotonic) -> StudySnapshot:
+    """Redraw until ``until_done()`` returns True; return the last snapshot."""
+    started = clock()
+    snapshot = take_snapshot(study)
+    if console.is_terminal:
+        with Live(console=console, refresh_per_second=4, transient=False) as live:
+            while True:
+                snapshot = take_snapshot(study)
+                live.update(render(study.study_name, target, snapshot, source.worker_views(),
+                                   clock() - started, hostname))
+                if until_done():
+                    break
+                time.sleep(interval)
+        return take_snapshot(study)
+
+    last_line = ""
+    while not until_done():
+        snapshot = take_snapshot(study)
+        line = summary_line(study.study_name, target, snapshot, clock() - started)
+        if line.split(", elapsed")[0] != last_line.split(", elapsed")[0]:
+            console.print(line, highlight=False)
+            last_line = line
+        time.sleep(interval)
+    snapshot = take_snapshot(study)
+    console.print(summary_line(study.study_name, target, snapshot, clock() - started), highlight=False)
+    return snapshot

@@ -1,0 +1,194 @@
+"""The ``tunefleet`` command line: parses, calls into ops modules, prints.
+
+Data goes to stdout, progress and logs to stderr. Exit 0 on success, 1 on a
+failure the user can act on (one line, ``--debug`` for the traceback), 2 on a
+usage error.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from ops import __version__, output, storage_config, studies
+from ops.errors import TunefleetError
+
+log = logging.getLogger("tunefleet")
+
+
+def _format_option(*, choices: tuple[str, ...] = output.FORMATS, default: str = "table") -> Callable:
+    return click.option(
+        "--format",
+        "fmt",
+        type=click.Choice(choices),
+        default=default,
+        show_default=True,
+        help="Output format of the data written to stdout.",
+    )
+
+
+_env_file_option = click.option(
+    "--env-file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default=None,
+    help="Env file (mode 0600) holding TUNEFLEET_STORAGE_URL. Default: $TUNEFLEET_ENV_FILE, "
+    "else the file that 'tunefleet demo' writes under $TUNEFLEET_HOME (~/.tunefleet).",
+)
+
+
+def _storage_from(env_file: Path | None):
+    return studies.open_storage(storage_config.resolve_storage_url(env_file))
+
+
+class TunefleetGroup(click.Group):
+    """Turn TunefleetError into one line on stderr and exit 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except TunefleetError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(1)
+
+
+@click.group(cls=TunefleetGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tunefleet")
+@click.option("--debug", is_flag=True, help="Show tracebacks and debug logs.")
+@click.pass_context
+def cli(ctx: click.Context, debug: bool) -> None:
+    """tunefleet: crash-safe Optuna search fleets on PostgreSQL."""
+    ctx.ensure_object(dict)
+    ctx.obj["debug"] = debug
+    logging.basicConfig(
+        level=logging.DEBUG if debug else logging.INFO,
+        format="%(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    # Optuna logs every trial at INFO; the commands print their own summaries.
+    logging.getLogger("optuna").setLevel(logging.DEBUG if debug else logging.WARNING)
+
+
+@cli.group()
+def study() -> None:
+    """Create and inspect studies on the storage."""
+
+
+@study.command("create")
+@click.argument("name")
+@click.option("--trials", "target_trials", type=click.IntRange(min=1), required=True,
+              help="Number of finished (complete or pruned) trials at which workers stop.")
+@click.option("--direction", type=click.Choice(studies.DIRECTIONS), default="maximize", show_default=True,
+              help="Whether the objective value is maximized or minimized.")
+@click.option("--sampler", type=click.Choice(studies.SAMPLERS), default="tpe", show_default=True,
+              help="Sampler every worker of the study uses.")
+@click.option("--pruner", type=click.Choice(studies.PRUNERS), default="median", show_default=True,
+              help="Pruner every worker of the study uses.")
+@click.option("--seed", type=int, default=None, help="Sampler seed; trial seeds derive from it.")
+@_env_file_option
+def study_create(name: str, target_trials: int, direction: str, sampler: str, pruner: str,
+                 seed: int | None, env_file: Path | None) -> None:
+    """Create study NAME once, before any worker starts."""
+    storage = _storage_from(env_file)
+    settings = studies.StudySettings(target_trials=target_trials, sampler=sampler, pruner=pruner, seed=seed)
+    studies.create_study(storage, name, settings, direction=direction)
+    click.echo(f"created study '{name}' ({direction}, {target_trials} trials, {sampler} sampler, {pruner} pruner)",
+               err=True)
+
+
+@study.command("list")
+@_format_option()
+@_env_file_option
+def study_list(fmt: str, env_file: Path | None) -> None:
+    """List the studies at the storage with trial counts and best values."""
+    records = studies.list_studies(_storage_from(env_file))
+    rows = [
+        {
+            "study": record["name"],
+            "direction": record["direction"],
+            "target": record["target_trials"],
+            **{state.lower(): record["trials"][state] for state in studies.STATE_ORDER},
+            "best": record["best_value"],
+        }
+        for record in records
+    ]
+    columns = ["study", "direction", "target", *(state.lower() for state in studies.STATE_ORDER), "best"]
+    output.emit(records, fmt, rows=rows, columns=columns)
+
+
+@study.command("show")
+@click.argument("name")
+@_format_option()
+@_env_file_option
+def study_show(name: str, fmt: str, env_file: Path | None) -> None:
+    """Show study NAME: trial counts, best trial and every trial."""
+    loaded = studies.load_study(_storage_from(env_file), name)
+    summary = studies.summarize(loaded)
+    trials = studies.describe_trials(loaded)
+    if fmt != "table":
+        output.emit({**summary, "trial_list": trials}, fmt)
+        return
+    output.emit(summary, fmt, rows=[{**summary, "trials": summary["trials"]}],
+                columns=["name", "direction", "target_trials", "trials", "best_value", "best_trial"])
+    output.emit(trials, fmt, columns=["number", "state", "value", "duration_s", "params", "worker"],
+                title=f"trials of {name}")
+
+
+@study.command("best")
+@click.argument("name")
+@click.option("--format", "fmt", type=click.Choice(("json", "yaml")), default=None,
+              help="File format; by default taken from the --output suffix, else json.")
+@click.option("--output", "output_path", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="Write the parameters to this file instead of stdout.")
+@_env_file_option
+def study_best(name: str, fmt: str | None, output_path: Path | None, env_file: Path | None) -> None:
+    """Write the best trial's parameters of study NAME as JSON or YAML."""
+    loaded = studies.load_study(_storage_from(env_file), name)
+    document = studies.best_params_document(loaded)
+    fmt = fmt or _format_from_suffix(output_path)
+    text = output.dump_yaml(document) if fmt == "yaml" else output.dump_json(document)
+    if output_path is None:
+        click.echo(text, nl=False)
+        return
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    output_path.write_text(text)
+    click.echo(f"wrote the best parameters of trial {document['trial']} to {output_path}", err=True)
+
+
+def _format_from_suffix(path: Path | None) -> str:
+    if path is not None and path.suffix.lower() in (".yaml", ".yml"):
+        return "yaml"
+    return "json"
+
+
+@cli.command()
+@click.option("--trials", "target_trials", type=click.IntRange(min=1), default=24, show_default=True,
+              help="Finished trials at which the demo study stops.")
+@click.option("--workers", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Number of worker processes on this machine.")
+@click.option("--inventory", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None,
+              help="Inventory whose db host gets PostgreSQL. Default: the bundled inventory/local.yml.")
+@click.option("--study", "study_name", default=None,
+              help="Study name. Default: digits-demo-<UTC timestamp>, a new study each run.")
+def demo(target_trials: int, workers: int, inventory: Path | None, study_name: str | None) -> None:
+    """Run the whole flow on this machine: PostgreSQL without sudo, a study, workers, a live board."""
+    from ops import demo as demo_flow
+
+    demo_flow.run_demo(target_trials=target_trials, worker_count=workers, inventory=inventory,
+                       study_name=study_name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    os.environ.setdefault("PYTHONUNBUFFERED", "1")
+    cli.main(args=argv, prog_name="tunefleet")
+
+
+if __name__ == "__main__":
+    main()
