@@ -1,0 +1,159 @@
+"""Provisioning tests against real Ansible, a real PostgreSQL server and real files."""
+
+from __future__ import annotations
+
+import json
+import socket
+import stat
+from pathlib import Path
+
+import psycopg2
+import pytest
+
+from ops.errors import TunefleetError
+from ops.paths import state_dir
+from ops.provision import DatabaseServer, provision_database
+from ops.secrets import ensure_password, read_secret_file, write_secret_file
+from tests.conftest import LOCAL_INVENTORY, free_port, provision_test_server
+
+
+def connect(server: DatabaseServer):
+    return psycopg2.connect(
+        host=server.host,
+        port=server.port,
+        user=server.role,
+        password=read_secret_file(server.password_file),
+        dbname=server.database,
+        connect_timeout=10,
+    )
+
+
+@pytest.mark.slow
+def test_first_run_serves_password_login(first_provisioning):
+    assert first_provisioning.result.ok
+    assert first_provisioning.result.changed > 0
+    with connect(first_provisioning.server) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT current_user, current_database(), pg_encoding_to_char(encoding) FROM pg_database WHERE datname = current_database()")
+        assert cursor.fetchone() == ("optuna", "optuna", "UTF8")
+
+
+@pytest.mark.slow
+def test_wrong_password_rejected(provisioned_server):
+    with pytest.raises(psycopg2.OperationalError, match="password authentication failed"):
+        psycopg2.connect(
+            host=provisioned_server.host,
+            port=provisioned_server.port,
+            user=provisioned_server.role,
+            password="not-the-password",
+            dbname=provisioned_server.database,
+            connect_timeout=10,
+        )
+
+
+@pytest.mark.slow
+def test_second_run_changes_nothing_and_keeps_data(first_provisioning):
+    with connect(first_provisioning.server) as connection, connection.cursor() as cursor:
+        cursor.execute("CREATE TABLE IF NOT EXISTS kept (value text)")
+        cursor.execute("INSERT INTO kept VALUES ('before the second run')")
+
+    second = provision_test_server(first_provisioning.prefix, first_provisioning.server.port)
+
+    assert second.result.ok, second.result.failures
+    assert second.result.changed == 0, second.result.recap
+    with connect(second.server) as connection, connection.cursor() as cursor:
+        cursor.execute("SELECT value FROM kept")
+        assert ("before the second run",) in cursor.fetchall()
+
+
+@pytest.mark.slow
+def test_password_absent_from_artifacts_and_events(first_provisioning):
+    password = read_secret_file(first_provisioning.server.password_file)
+    runs = state_dir() / "runs"
+    leaks = [
+        path for path in runs.rglob("*")
+        if path.is_file() and password.encode() in path.read_bytes()
+    ]
+    assert leaks == []
+    assert password not in json.dumps(first_provisioning.events, default=str)
+    assert password not in json.dumps(first_provisioning.extravars)
+
+
+@pytest.mark.slow
+def test_password_file_mode_0600(provisioned_server):
+    mode = stat.S_IMODE(provisioned_server.password_file.stat().st_mode)
+    assert mode == 0o600
+
+
+@pytest.mark.slow
+def test_storage_url_masks_password(provisioned_server):
+    password = read_secret_file(provisioned_server.password_file)
+    masked = provisioned_server.storage_url()
+    assert password not in masked
+    assert masked == f"postgresql+psycopg2://optuna:***@127.0.0.1:{provisioned_server.port}/optuna"
+    assert password in provisioned_server.storage_url(masked=False)
+
+
+@pytest.mark.slow
+def test_taken_port_fails_before_initdb(tunefleet_home, server_base_dir):
+    prefix = server_base_dir / "taken-port"
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        provisioning = provision_test_server(prefix, port)
+
+    assert not provisioning.result.ok
+    assert provisioning.result.rc != 0
+    expected = (
+        f"port {port} on 127.0.0.1 is already in use by another process; "
+        "set postgresql_port to a free port"
+    )
+    assert any(failure.endswith(expected) for failure in provisioning.result.failures), provisioning.result.failures
+    assert all("\n" not in failure for failure in provisioning.result.failures)
+    assert not (prefix / "data").exists()
+
+
+@pytest.mark.slow
+def test_system_mode_not_available(tunefleet_home, server_base_dir):
+    provisioning = provision_test_server(
+        server_base_dir / "system-mode", free_port(), postgresql_install_mode="system"
+    )
+    assert not provisioning.result.ok
+    assert any(
+        failure.endswith("postgresql_install_mode=system is not available yet; use user")
+        for failure in provisioning.result.failures
+    ), provisioning.result.failures
+
+
+def test_extravars_with_password_rejected(tunefleet_home):
+    with pytest.raises(TunefleetError, match="postgresql_password looks like a secret"):
+        provision_database(LOCAL_INVENTORY, extravars={"postgresql_password": "x"})
+
+
+def test_ensure_password_reuses_file(tmp_path):
+    path = tmp_path / "secrets" / "db.password"
+    first = ensure_password(path)
+    assert ensure_password(path) == first
+    assert len(first) >= 40
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+
+
+def test_readable_secret_rejected_with_chmod_hint(tmp_path):
+    path = tmp_path / "db.password"
+    path.write_text("secret")
+    path.chmod(0o644)
+    with pytest.raises(TunefleetError) as raised:
+        ensure_password(path)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert f"chmod 600 {path}" in message
+
+
+def test_write_secret_file_replaces_atomically(tmp_path):
+    path = tmp_path / "value"
+    write_secret_file(path, "one")
+    write_secret_file(path, "two")
+    assert path.read_text() == "two"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert [entry.name for entry in tmp_path.iterdir()] == ["value"]

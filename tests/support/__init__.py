@@ -1,0 +1,1 @@
+"""Test machinery shared by tunefleet's test modules, such as the loopback sshd hosts."""
