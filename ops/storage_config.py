@@ -1,8 +1,10 @@
 """Where the operator's commands find the storage URL.
 
-Order: the TUNEFLEET_STORAGE_URL variable, then ``--env-file``, then
-TUNEFLEET_ENV_FILE, then the env file that ``tunefleet demo`` writes. The URL
-carries the password, so it is never taken from argv.
+Order: ``--env-file``, then the TUNEFLEET_STORAGE_URL variable, then
+TUNEFLEET_ENV_FILE, then the env file that ``tunefleet demo`` and
+``tunefleet provision`` write. The URL carries the password, so it is never
+taken from argv. Workers follow the same rules (``trainer.storage``) except
+for the last default.
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ from ops import paths
 from ops.errors import TunefleetError
 from trainer import storage as worker_storage
 
-URL_VARIABLE = "TUNEFLEET_STORAGE_URL"
-ENV_FILE_VARIABLE = "TUNEFLEET_ENV_FILE"
+URL_VARIABLE = worker_storage.URL_VARIABLE
+ENV_FILE_VARIABLE = worker_storage.ENV_FILE_VARIABLE
 
 
 def default_env_file() -> Path:
@@ -23,16 +25,15 @@ def default_env_file() -> Path:
 
 
 def resolve_storage_url(env_file: Path | None = None) -> str:
-    if os.environ.get(URL_VARIABLE):
-        return os.environ[URL_VARIABLE]
-    candidates = [env_file, os.environ.get(ENV_FILE_VARIABLE), default_env_file()]
-    chosen = next((Path(candidate) for candidate in candidates if candidate), None)
-    if chosen is None or not chosen.exists():
-        raise TunefleetError(
-            f"no storage URL: {URL_VARIABLE} is not set and the env file {chosen} does not exist",
-            "run 'tunefleet demo' or 'tunefleet provision' first, or pass --env-file",
-        )
+    environ = dict(os.environ)
+    if env_file is None and not environ.get(URL_VARIABLE) and not environ.get(ENV_FILE_VARIABLE):
+        env_file = default_env_file()
+        if not env_file.exists():
+            raise TunefleetError(
+                f"no storage URL: {URL_VARIABLE} is not set and {env_file} does not exist",
+                "run 'tunefleet demo' or 'tunefleet provision' first, or pass --env-file",
+            )
     try:
-        return worker_storage.load_storage_url(chosen)
-    except worker_storage.StorageConfigError as exc:
+        return worker_storage.resolve_storage_url(str(env_file) if env_file else None, environ)
+    except worker_storage.StorageError as exc:
         raise TunefleetError(str(exc)) from None

@@ -18,6 +18,7 @@ import sqlalchemy.exc
 from optuna.trial import TrialState
 
 from ops.errors import TunefleetError
+from trainer.storage import mask_url
 
 SETTINGS_ATTR = "tunefleet"
 SAMPLERS = ("tpe", "random")
@@ -42,14 +43,6 @@ class StudySettings:
             "pruner": self.pruner,
             "seed": self.seed,
         }
-
-
-def mask_url(url: str) -> str:
-    """Return the storage URL with its password replaced by ``***``."""
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except sqlalchemy.exc.ArgumentError:
-        return "<invalid storage URL>"
 
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
