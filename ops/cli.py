@@ -168,6 +168,59 @@ def _format_from_suffix(path: Path | None) -> str:
     return "json"
 
 
+_inventory_option = click.option(
+    "-i", "--inventory",
+    type=click.Path(dir_okay=False, path_type=Path),
+    envvar="TUNEFLEET_INVENTORY",
+    default=Path("inventory/hosts.yml"),
+    show_default=True,
+    help="Ansible inventory describing the fleet (groups db and gpu). Also read from $TUNEFLEET_INVENTORY.",
+)
+
+
+@cli.command()
+@_inventory_option
+@click.option("--no-sudo", is_flag=True,
+              help="Install PostgreSQL in the SSH user's home without root (user-space mode).")
+@click.option("--limit", default=None, help="Run only on this host of the db group (Ansible host pattern).")
+@click.option("--check", is_flag=True, help="Show what would change (Ansible check mode) and change nothing.")
+def provision(inventory: Path, no_sudo: bool, limit: str | None, check: bool) -> None:
+    """Install PostgreSQL on the inventory's db host and create the Optuna database.
+
+    Running it again changes nothing. Ends by printing the storage URL with the
+    password masked and the file that keeps the password.
+    """
+    from ops import progress, provision as provisioning, secrets
+
+    if not inventory.is_file():
+        raise TunefleetError(f"inventory {inventory} not found",
+                             "pass -i/--inventory, or copy inventory/example.yml to inventory/hosts.yml")
+    console = progress.Console(stderr=True)
+    mode = "user space (no sudo)" if no_sudo else "system packages (sudo)"
+    console.print(f"provisioning the db host of {inventory}: {mode}{', check mode' if check else ''}")
+    result, server = provisioning.provision_database(
+        inventory, no_sudo=no_sudo, limit=limit, check=check, on_event=progress.PlaybookProgress(console)
+    )
+    progress.print_recap(console, result.recap)
+    if not result.ok:
+        for line in result.failures:
+            click.echo(f"error: {line}", err=True)
+        raise TunefleetError(f"provisioning failed on {len(result.failures) or 'some'} task(s)",
+                             "fix the cause above and run the same command again; nothing is re-initialised")
+    if check:
+        click.echo(f"check mode: {result.changed} change(s) would be made; nothing was changed", err=True)
+        return
+
+    from ops import storage_config
+
+    env_file = storage_config.default_env_file()
+    secrets.write_secret_file(env_file, f"{storage_config.URL_VARIABLE}={server.storage_url(masked=False)}\n")
+    click.echo(f"{result.changed} change(s)", err=True)
+    click.echo(f"storage URL: {server.storage_url(masked=True)}")
+    click.echo(f"password file: {server.password_file} (mode 0600)")
+    click.echo(f"env file for workers and study commands: {env_file} (mode 0600)")
+
+
 @cli.command()
 @click.option("--trials", "target_trials", type=click.IntRange(min=1), default=24, show_default=True,
               help="Finished trials at which the demo study stops.")
