@@ -14,7 +14,7 @@ from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import optuna
 import sqlalchemy
@@ -149,7 +149,8 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int | None,
             # several starting workers could race.
             skip_table_creation=True,
         )
-    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError,
+            ImportError, ValueError) as error:
         raise StorageError(
             f"cannot connect to the storage at {mask_url(url)}: {_reason(error, url)}; "
             f"check host, port, database, user and password in {URL_VARIABLE}, "
@@ -161,8 +162,10 @@ def open_storage(url: str, heartbeat_interval: int, grace_period: int | None,
 
 
 def _reason(error: BaseException, url: str) -> str:
-    orig = getattr(error, "orig", None) or error
-    text = " ".join(str(orig).split()) or type(orig).__name__
+    # Optuna wraps SQLAlchemy errors, which wrap the driver's error, the most specific one.
+    while error.__cause__ is not None:
+        error = error.__cause__
+    text = " ".join(str(error).split()) or type(error).__name__
     password = _password(url)
     if password:
         text = text.replace(password, "***")
@@ -185,9 +188,9 @@ def find_study(storage: optuna.storages.RDBStorage, name: str) -> tuple[int, Stu
     except KeyError:
         raise StorageError(f"study '{name}' not found at the storage; {create}") from None
     except sqlalchemy.exc.ProgrammingError:
-        # No Optuna tables yet: nobody has created a study in this database.
+        # No Optuna tables yet, so no study has been created in this database.
         raise StorageError(f"study '{name}' not found at the storage; {create}") from None
-    except sqlalchemy.exc.SQLAlchemyError as error:
+    except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
         raise StorageError(f"cannot read study '{name}': {_reason(error, storage.url)}") from None
     if SETTINGS_ATTR not in attrs:
         raise StorageError(
@@ -232,7 +235,7 @@ def count_trials(storage: optuna.storages.RDBStorage, study_id: int) -> Counter[
 
 @contextmanager
 def trial_count_lock(storage: optuna.storages.RDBStorage, study_id: int) -> Iterator[Callable]:
-    """Hold a PostgreSQL advisory lock while a worker counts trials and asks for one.
+    """Hold a PostgreSQL advisory lock while a worker counts trials and requests one.
 
     Yields a function that releases the lock early; the worker calls it as soon as its
     new trial exists, so other workers wait only for the count and the insert, never for
