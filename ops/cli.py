@@ -195,7 +195,7 @@ def provision(inventory: Path, no_sudo: bool, limit: str | None, check: bool) ->
     if not inventory.is_file():
         raise TunefleetError(f"inventory {inventory} not found",
                              "pass -i/--inventory, or copy inventory/example.yml to inventory/hosts.yml")
-    console = progress.Console(stderr=True)
+    console = progress.Console(stderr=True, soft_wrap=True)
     mode = "user space (no sudo)" if no_sudo else "system packages (sudo)"
     console.print(f"provisioning the db host of {inventory}: {mode}{', check mode' if check else ''}")
     result, server = provisioning.provision_database(

@@ -122,7 +122,7 @@ def write_best_params(study, run_dir: Path) -> tuple[Path, Path]:
 
 
 def run_demo(*, target_trials: int, worker_count: int, inventory: Path | None, study_name: str | None) -> None:
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)
     inventory = inventory or paths.project_root() / "inventory" / "local.yml"
     study_name = study_name or default_study_name()
 

@@ -33,7 +33,7 @@ class PlaybookProgress:
     """Callable for ``run_playbook(on_event=...)`` that prints task results."""
 
     def __init__(self, console: Console | None = None, *, show_skipped: bool = False) -> None:
-        self.console = console or Console(stderr=True)
+        self.console = console or Console(stderr=True, soft_wrap=True)
         self.show_skipped = show_skipped
 
     def __call__(self, event: dict[str, Any]) -> None:
