@@ -10,6 +10,7 @@ TORCH_REQUIREMENT ?= torch==2.13.0
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tunefleet-installed
 PYTEST_ARGS ?=
+DEMO_ARGS ?=
 
 .PHONY: demo test lint bench venv
 
@@ -18,12 +19,12 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet "$(TORCH_REQUIREMENT)"
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_REQUIREMENT)
 	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e '.[test]'
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/tunefleet demo
+	$(BIN)/tunefleet demo $(DEMO_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -65,6 +65,13 @@ def _format_elapsed(seconds: float) -> str:
     return f"{hours:d}:{minutes:02d}:{secs:02d}"
 
 
+def short_log_line(line: str) -> str:
+    """Drop the timestamp, level and logger name, and the parameters that follow a trial result."""
+    _, separator, message = line.partition(": ")
+    message = message if separator else line
+    return message.split(" params=")[0]
+
+
 def render(study_name: str, target: int, snapshot: StudySnapshot, workers: list[WorkerView],
            elapsed: float, hostname: str) -> Group:
     counts = snapshot.counts
@@ -83,17 +90,20 @@ def render(study_name: str, target: int, snapshot: StudySnapshot, workers: list[
     trial_table.add_row(*(str(counts[state]) for state in studies.STATE_ORDER), best)
 
     worker_table = Table(show_edge=False, header_style="bold")
-    for column in ("worker", "pid", "state", "trial", "last log line"):
-        worker_table.add_column(column, overflow="ellipsis", no_wrap=True)
+    worker_table.add_column("worker", no_wrap=True, min_width=8)
+    worker_table.add_column("pid", no_wrap=True, min_width=6)
+    worker_table.add_column("state", no_wrap=True, min_width=9)
+    worker_table.add_column("trial", no_wrap=True, min_width=5)
+    worker_table.add_column("last log line", no_wrap=True, overflow="ellipsis", ratio=1)
     for worker in workers:
         trial_number = snapshot.running_by_worker.get(f"{hostname}:{worker.pid}")
-        style = "green" if worker.state == "running" else ("red" if worker.state not in ("exited 0",) else "dim")
+        style = "green" if worker.state == "running" else ("dim" if worker.state == "exited 0" else "red")
         worker_table.add_row(
             worker.name,
             str(worker.pid),
             Text(worker.state, style=style),
             "-" if trial_number is None else f"#{trial_number}",
-            worker.last_log_line[-80:],
+            short_log_line(worker.last_log_line),
         )
     return Group(header, trial_table, worker_table)
 

@@ -150,9 +150,9 @@ def study_show(name: str, fmt: str, env_file: Path | None) -> None:
 @_env_file_option
 def study_best(name: str, fmt: str | None, output_path: Path | None, env_file: Path | None) -> None:
     """Write the best trial's parameters of study NAME as JSON or YAML."""
+    fmt = fmt or _format_from_suffix(output_path)
     loaded = studies.load_study(_storage_from(env_file), name)
     document = studies.best_params_document(loaded)
-    fmt = fmt or _format_from_suffix(output_path)
     text = output.dump_yaml(document) if fmt == "yaml" else output.dump_json(document)
     if output_path is None:
         click.echo(text, nl=False)
@@ -163,9 +163,11 @@ def study_best(name: str, fmt: str | None, output_path: Path | None, env_file: P
 
 
 def _format_from_suffix(path: Path | None) -> str:
-    if path is not None and path.suffix.lower() in (".yaml", ".yml"):
+    if path is None or path.suffix.lower() == ".json":
+        return "json"
+    if path.suffix.lower() in (".yaml", ".yml"):
         return "yaml"
-    return "json"
+    raise click.UsageError(f"cannot tell the format of {path} from its suffix; use .json, .yaml or --format")
 
 
 _inventory_option = click.option(
@@ -230,12 +232,15 @@ def provision(inventory: Path, no_sudo: bool, limit: str | None, check: bool) ->
               help="Inventory whose db host gets PostgreSQL. Default: the bundled inventory/local.yml.")
 @click.option("--study", "study_name", default=None,
               help="Study name. Default: digits-demo-<UTC timestamp>, a new study each run.")
-def demo(target_trials: int, workers: int, inventory: Path | None, study_name: str | None) -> None:
+@click.option("--port", type=click.IntRange(1, 65535), default=None,
+              help="TCP port of the demo's PostgreSQL server. Default: postgresql_port from the inventory (54320).")
+def demo(target_trials: int, workers: int, inventory: Path | None, study_name: str | None,
+         port: int | None) -> None:
     """Run the whole flow on this machine: PostgreSQL without sudo, a study, workers, a live board."""
     from ops import demo as demo_flow
 
     demo_flow.run_demo(target_trials=target_trials, worker_count=workers, inventory=inventory,
-                       study_name=study_name)
+                       study_name=study_name, port=port)
 
 
 def main(argv: list[str] | None = None) -> None:

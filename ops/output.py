@@ -17,6 +17,7 @@ from rich.console import Console
 from rich.table import Table
 
 FORMATS = ("table", "json", "yaml")
+PIPE_WIDTH = 400
 
 
 def _plain(value: Any) -> Any:
@@ -70,7 +71,9 @@ def emit(
         sys.stdout.write(dump_yaml(data))
         return
 
-    console = Console(soft_wrap=True)
+    # Rich assumes 80 columns when stdout is not a terminal, which would cut names and
+    # exponents in piped output; a pipe has no width, so give it room.
+    console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else PIPE_WIDTH)
     if rows is None:
         rows = [data] if isinstance(data, Mapping) else list(data)
     if columns is None:

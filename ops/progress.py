@@ -32,8 +32,9 @@ _EVENT_STATUS = {
 class PlaybookProgress:
     """Callable for ``run_playbook(on_event=...)`` that prints task results."""
 
-    def __init__(self, console: Console | None = None, *, show_skipped: bool = False) -> None:
+    def __init__(self, console: Console | None = None, *, show_ok: bool = True, show_skipped: bool = False) -> None:
         self.console = console or Console(stderr=True, soft_wrap=True)
+        self.show_ok = show_ok
         self.show_skipped = show_skipped
 
     def __call__(self, event: dict[str, Any]) -> None:
@@ -46,6 +47,8 @@ class PlaybookProgress:
         if status == "failed" and data.get("ignore_errors"):
             return
         if status == "skipped" and not self.show_skipped:
+            return
+        if status == "ok" and not self.show_ok:
             return
         line = Text.assemble(
             (f"{status:<11}", _STATUS_STYLE[status]),

@@ -25,6 +25,7 @@ SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "hyperband", "none")
 DIRECTIONS = ("maximize", "minimize")
 STATE_ORDER = ("COMPLETE", "PRUNED", "FAIL", "RUNNING", "WAITING")
+CONNECT_TIMEOUT_S = 10
 
 
 @dataclass(frozen=True)
@@ -47,21 +48,23 @@ class StudySettings:
 
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Connect to the storage, turning connection failures into one line."""
+    engine_kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2}
+    if url.startswith("postgresql"):
+        # Without it, a server that accepts the TCP connection and never answers hangs the command.
+        engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     try:
-        return optuna.storages.RDBStorage(
-            url, engine_kwargs={"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2}
-        )
-    except sqlalchemy.exc.ArgumentError as exc:
+        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+    except (sqlalchemy.exc.ArgumentError, ImportError, ValueError) as exc:
         raise TunefleetError(
             f"invalid storage URL {mask_url(url)}: {exc}",
             "expected postgresql+psycopg2://USER:PASSWORD@HOST:PORT/DATABASE",
         ) from None
     except (sqlalchemy.exc.OperationalError, sqlalchemy.exc.InterfaceError) as exc:
-        reason = str(exc.orig).strip().splitlines()[0] if exc.orig else str(exc)
+        reason = " ".join(str(exc.orig or exc).split())
         raise TunefleetError(
             f"cannot connect to the storage at {mask_url(url)}: {reason}",
             "check that the server runs (tunefleet demo or tunefleet provision) "
-            "and that the URL in the env file is right",
+            "and that host, port, user and password in the storage URL are right",
         ) from None
 
 
@@ -73,6 +76,8 @@ def create_study(
     direction: str = "maximize",
 ) -> optuna.Study:
     """Create a new study and store the settings its workers read."""
+    if not name.strip():
+        raise TunefleetError("invalid study name: it is empty", "give the study a name such as digits-lr-search")
     if settings.target_trials < 1:
         raise TunefleetError(f"invalid target of {settings.target_trials} trials", "use --trials 1 or more")
     try:

@@ -108,10 +108,21 @@ def _unquote(value: str) -> str:
     return value
 
 
+def normalize_url(url: str) -> str:
+    """Pin a bare PostgreSQL URL to psycopg2, the driver tunefleet installs.
+
+    SQLAlchemy 2 maps ``postgresql://`` to psycopg 3, which is usually absent.
+    """
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg2://" + url[len(prefix):]
+    return url
+
+
 def resolve_storage_url(env_file: str | None, environ: Mapping[str, str]) -> str:
     """Find the storage URL: ``--env-file``, then the environment, then ``TUNEFLEET_ENV_FILE``."""
     if env_file is None and environ.get(URL_VARIABLE):
-        return environ[URL_VARIABLE]
+        return normalize_url(environ[URL_VARIABLE])
     env_file = env_file or environ.get(ENV_FILE_VARIABLE)
     if not env_file:
         raise StorageError(
@@ -121,7 +132,7 @@ def resolve_storage_url(env_file: str | None, environ: Mapping[str, str]) -> str
     url = read_env_file(env_file).get(URL_VARIABLE)
     if not url:
         raise StorageError(f"env file {env_file} has no {URL_VARIABLE}=... line")
-    return url
+    return normalize_url(url)
 
 
 def open_storage(url: str, heartbeat_interval: int, grace_period: int | None,

@@ -135,3 +135,43 @@ def test_env_file_readable_by_others_rejected(runner, env_file):
 def test_unknown_format_is_usage_error(runner, env_file):
     result = _invoke(runner, "study", "list", "--format", "xml", "--env-file", str(env_file))
     assert result.exit_code == 2
+
+
+def test_bare_postgresql_url_uses_psycopg2(runner, storage_url, monkeypatch):
+    bare = storage_url.replace("postgresql+psycopg2://", "postgresql://", 1)
+    monkeypatch.setenv("TUNEFLEET_STORAGE_URL", bare)
+    result = _invoke(runner, "study", "list", "--format", "json")
+    assert result.exit_code == 0, result.stderr
+    assert isinstance(json.loads(result.stdout), list)
+
+
+def test_unsupported_driver_is_one_line(runner, monkeypatch):
+    monkeypatch.setenv("TUNEFLEET_STORAGE_URL", "nosuchdb+nodriver://u:secret-x9@127.0.0.1/db")
+    result = _invoke(runner, "study", "list")
+    assert result.exit_code == 1
+    assert result.stderr.startswith("error: invalid storage URL")
+    assert "secret-x9" not in result.output
+
+
+def test_silent_server_times_out(runner, monkeypatch):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        monkeypatch.setenv("TUNEFLEET_STORAGE_URL", f"postgresql+psycopg2://u:p@127.0.0.1:{port}/db")
+        result = _invoke(runner, "study", "list")
+    assert result.exit_code == 1
+    assert "timeout" in result.stderr
+
+
+def test_empty_study_name_rejected(runner, env_file):
+    result = _invoke(runner, "study", "create", " ", "--trials", "2", "--env-file", str(env_file))
+    assert result.exit_code == 1
+    assert "invalid study name" in result.stderr
+
+
+def test_best_unknown_suffix_is_usage_error(runner, env_file, tmp_path):
+    result = _invoke(runner, "study", "best", "any", "--output", str(tmp_path / "best.txt"),
+                     "--env-file", str(env_file))
+    assert result.exit_code == 2
+    assert not (tmp_path / "best.txt").exists()
