@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
 import shutil
 import sys
 from collections.abc import Callable
@@ -20,6 +21,11 @@ from ops.secrets import ensure_password, read_secret_file
 
 EventHandler = Callable[[dict[str, Any]], None]
 
+# Seconds that SSH waits for a host to accept the connection. Ansible's ssh plugin turns
+# ANSIBLE_TIMEOUT into `-o ConnectTimeout`, so a host that drops packets fails after
+# this long instead of after the kernel's TCP timeout of about two minutes.
+SSH_CONNECT_TIMEOUT_S = 10
+
 # Settings for every run. Pipelining saves a file transfer per task, and the role's
 # become tasks use su as root, which needs no tty.
 RUNNER_ENVVARS = {
@@ -27,6 +33,13 @@ RUNNER_ENVVARS = {
     "ANSIBLE_NOCOLOR": "True",
     "ANSIBLE_RETRY_FILES_ENABLED": "False",
     "ANSIBLE_DEPRECATION_WARNINGS": "False",
+    "ANSIBLE_TIMEOUT": str(SSH_CONNECT_TIMEOUT_S),
+    # ansible-runner turns host key checking off unless this is set, and Ansible then
+    # passes StrictHostKeyChecking=no before any option from the inventory.
+    "ANSIBLE_HOST_KEY_CHECKING": "True",
+    # Ansible's default SSH arguments, plus keepalives, because without them a host that stops
+    # responding hangs a reused ControlPersist connection until the kernel gives up.
+    "ANSIBLE_SSH_ARGS": "-C -o ControlMaster=auto -o ControlPersist=60s -o ServerAliveInterval=15 -o ServerAliveCountMax=4",
 }
 
 # Artifact folders of earlier runs kept under state_dir()/runs. They hold no secret,
@@ -77,9 +90,10 @@ def run_playbook(
     """
     private_data_dir = _new_private_data_dir(playbook)
     failures: list[str] = []
+    connections = _connection_variables(load_inventory(inventory))
 
     def handle_event(event: dict[str, Any]) -> bool:
-        failure = _failure_line(event)
+        failure = _failure_line(event, connections)
         if failure:
             failures.append(failure)
         if on_event is not None:
@@ -145,8 +159,8 @@ def _recap(stats: dict[str, dict[str, int]]) -> dict[str, HostRecap]:
     return recap
 
 
-def _failure_line(event: dict[str, Any]) -> str | None:
-    """Return "HOST: TASK: message" for a failed or unreachable task, else None."""
+def _failure_line(event: dict[str, Any], connections: dict[str, dict[str, Any]]) -> str | None:
+    """Return "HOST: TASK: message" for a failed task, "HOST: reason" for an unreachable one, else None."""
     kind = event.get("event")
     data = event.get("event_data", {})
     if kind not in ("runner_on_failed", "runner_on_unreachable") or data.get("ignore_errors"):
@@ -154,7 +168,47 @@ def _failure_line(event: dict[str, Any]) -> str | None:
     result = data.get("res", {})
     message = result.get("msg") or result.get("stderr") or "failed"
     message = " ".join(str(message).split())
-    return f"{data.get('host', '?')}: {data.get('task', '?')}: {message}"
+    host = data.get("host", "?")
+    if kind == "runner_on_unreachable":
+        return f"{host}: {_unreachable_reason(message, data, connections)}"
+    return f"{host}: {data.get('task', '?')}: {message}"
+
+
+# ssh's own messages, as Ansible passes them on in an unreachable result.
+_REFUSED_OR_TIMED_OUT = re.compile(
+    r"Connection refused|Connection timed out|timed out|No route to host|Network is unreachable"
+    r"|Could not resolve hostname",
+    re.IGNORECASE,
+)
+
+
+def _unreachable_reason(message: str, data: dict[str, Any], connections: dict[str, dict[str, Any]]) -> str:
+    """Turn ssh's unreachable message into what failed and what to check."""
+    address, port, user = _connection_of(data, connections)
+    if "Host key verification failed" in message or "REMOTE HOST IDENTIFICATION HAS CHANGED" in message:
+        return f"host key of {address}:{port} changed or is unknown; check it and update known_hosts"
+    if "Permission denied (publickey" in message:
+        return f"SSH login as {user} refused; check ansible_user and the key"
+    if _REFUSED_OR_TIMED_OUT.search(message):
+        return (
+            f"{address}:{port} unreachable ({_last_ssh_error(message)}); "
+            "check that the host is up, that sshd listens there, and ansible_host/ansible_port"
+        )
+    return f"unreachable: {message}"
+
+
+def _connection_of(data: dict[str, Any], connections: dict[str, dict[str, Any]]) -> tuple[str, Any, str]:
+    # The event carries no connection variables, so they come from the run's inventory.
+    host = data.get("host", "?")
+    variables = connections.get(host, {})
+    address = variables.get("ansible_host") or host
+    user = variables.get("ansible_user") or os.environ.get("USER", "the current user")
+    return str(address), variables.get("ansible_port") or 22, str(user)
+
+
+def _last_ssh_error(message: str) -> str:
+    # "Failed to connect to the host via ssh: ssh: connect to host 127.0.0.5 port 22: Connection refused"
+    return message.rsplit(": ", 1)[-1].strip() or message
 
 
 @dataclass
@@ -181,20 +235,30 @@ def password_file_for(inventory: Path) -> Path:
 def provision_database(
     inventory: Path,
     *,
+    no_sudo: bool,
+    limit: str | None = None,
+    check: bool = False,
     extravars: dict[str, Any] | None = None,
     on_event: EventHandler | None = None,
-    check: bool = False,
 ) -> tuple[PlaybookResult, DatabaseServer]:
-    """Install PostgreSQL on the inventory's database host and create Optuna's database."""
+    """Install PostgreSQL on the inventory's database host and create Optuna's database.
+
+    `no_sudo` selects the role's user-space mode, which needs no root on the host.
+    `check` runs Ansible's check mode, which reports what would change and changes nothing.
+    """
     extravars = dict(extravars or {})
     _reject_secret_extravars(extravars)
+    inventory_data = load_inventory(inventory)
+    host_name, host_vars = _database_host(inventory, inventory_data)
+    _check_limit(inventory, inventory_data, limit)
 
     password_file = password_file_for(inventory)
     ensure_password(password_file)
     extravars["postgresql_password_file"] = str(password_file)
+    extravars["postgresql_install_mode"] = "user" if no_sudo else "system"
 
-    result = run_playbook("postgresql.yml", inventory, extravars, check=check, on_event=on_event)
-    return result, database_server(inventory, extravars, password_file)
+    result = run_playbook("postgresql.yml", inventory, extravars, limit=limit, check=check, on_event=on_event)
+    return result, _describe_server(host_name, {**host_vars, **extravars}, password_file)
 
 
 def _reject_secret_extravars(extravars: dict[str, Any]) -> None:
@@ -209,34 +273,87 @@ def _reject_secret_extravars(extravars: dict[str, Any]) -> None:
 
 def database_server(inventory: Path, extravars: dict[str, Any], password_file: Path) -> DatabaseServer:
     """Describe the inventory's database server as Optuna workers reach it."""
-    host_name, host_vars = _database_host(inventory)
-    merged = {**host_vars, **extravars}
-    address = str(merged.get("ansible_host", host_name))
-    if address == "localhost":
-        # The role's default listen address is 127.0.0.1, and "localhost" may resolve to ::1.
+    host_name, host_vars = _database_host(inventory, load_inventory(inventory))
+    return _describe_server(host_name, {**host_vars, **extravars}, password_file)
+
+
+def _describe_server(host_name: str, variables: dict[str, Any], password_file: Path) -> DatabaseServer:
+    if _is_local(host_name, variables):
+        # The role always listens on 127.0.0.1, and "localhost" may resolve to ::1.
         address = "127.0.0.1"
+    else:
+        address = str(variables.get("ansible_host", host_name))
     return DatabaseServer(
         host=address,
-        port=int(merged.get("postgresql_port", 5432)),
-        database=str(merged.get("postgresql_database", "optuna")),
-        role=str(merged.get("postgresql_role", "optuna")),
+        port=int(variables.get("postgresql_port", 5432)),
+        database=str(variables.get("postgresql_database", "optuna")),
+        role=str(variables.get("postgresql_role", "optuna")),
         password_file=password_file,
     )
 
 
-def _database_host(inventory: Path) -> tuple[str, dict[str, Any]]:
-    # Ansible's own parser, so group_vars and host_vars mean what they mean to Ansible.
+def _is_local(host_name: str, variables: dict[str, Any]) -> bool:
+    address = str(variables.get("ansible_host", host_name))
+    return variables.get("ansible_connection") == "local" or address in ("localhost", "127.0.0.1", "::1")
+
+
+@dataclass
+class InventoryData:
+    """An inventory as Ansible's own parser reads it, so group_vars and host_vars mean what they mean to Ansible."""
+
+    manager: Any
+    variables: Any
+
+
+def load_inventory(inventory: Path) -> InventoryData:
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
     from ansible.vars.manager import VariableManager
 
     loader = DataLoader()
     manager = InventoryManager(loader=loader, sources=[str(inventory)])
-    hosts = manager.get_hosts(pattern=DATABASE_GROUP)
-    if not hosts:
+    return InventoryData(manager, VariableManager(loader=loader, inventory=manager))
+
+
+def _database_host(inventory: Path, data: InventoryData) -> tuple[str, dict[str, Any]]:
+    """Return the name and variables of the one host in the db group, or raise a one-line error."""
+    groups = data.manager.groups
+    if DATABASE_GROUP not in groups:
         raise TunefleetError(
-            f"inventory {inventory} has no host in group {DATABASE_GROUP!r}",
-            f"add the database server under {DATABASE_GROUP}: in {inventory}",
+            f"inventory {inventory} has no group {DATABASE_GROUP!r}",
+            f"add a {DATABASE_GROUP} group with the database server as its only host",
+        )
+    hosts = groups[DATABASE_GROUP].get_hosts()
+    if len(hosts) != 1:
+        names = ", ".join(sorted(host.name for host in hosts)) or "none"
+        raise TunefleetError(
+            f"group {DATABASE_GROUP!r} in inventory {inventory} must hold exactly one host, "
+            f"but holds {len(hosts)} ({names})",
+            f"keep only the database server under {DATABASE_GROUP}",
         )
     host = hosts[0]
-    return host.name, VariableManager(loader=loader, inventory=manager).get_vars(host=host)
+    return host.name, data.variables.get_vars(host=host)
+
+
+def _check_limit(inventory: Path, data: InventoryData, limit: str | None) -> None:
+    if not limit:
+        return
+    known = {host.name for host in data.manager.get_hosts()}
+    # A limit is a comma- or colon-separated host pattern. Only plain names are checked,
+    # because a pattern with wildcards or group operators can rightly match nothing here.
+    for name in re.split(r"[,:]", limit):
+        name = name.strip()
+        if name and not re.search(r"[*?\[\]!&~]", name) and name not in known and name not in data.manager.groups:
+            raise TunefleetError(
+                f"host {name} in --limit not found in inventory {inventory}",
+                f"use the name of the {DATABASE_GROUP} host as the inventory spells it",
+            )
+
+
+def _connection_variables(data: InventoryData) -> dict[str, dict[str, Any]]:
+    names = ("ansible_host", "ansible_port", "ansible_user")
+    connections = {}
+    for host in data.manager.get_hosts():
+        variables = data.variables.get_vars(host=host)
+        connections[host.name] = {name: variables[name] for name in names if name in variables}
+    return connections

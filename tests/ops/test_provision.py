@@ -113,21 +113,9 @@ def test_taken_port_fails_before_initdb(tunefleet_home, server_base_dir):
     assert not (prefix / "data").exists()
 
 
-@pytest.mark.slow
-def test_system_mode_not_available(tunefleet_home, server_base_dir):
-    provisioning = provision_test_server(
-        server_base_dir / "system-mode", free_port(), postgresql_install_mode="system"
-    )
-    assert not provisioning.result.ok
-    assert any(
-        failure.endswith("postgresql_install_mode=system is not available yet; use user")
-        for failure in provisioning.result.failures
-    ), provisioning.result.failures
-
-
 def test_extravars_with_password_rejected(tunefleet_home):
     with pytest.raises(TunefleetError, match="postgresql_password looks like a secret"):
-        provision_database(LOCAL_INVENTORY, extravars={"postgresql_password": "x"})
+        provision_database(LOCAL_INVENTORY, no_sudo=True, extravars={"postgresql_password": "x"})
 
 
 def test_ensure_password_reuses_file(tmp_path):

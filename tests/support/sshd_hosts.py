@@ -192,6 +192,8 @@ class SshHost:
     /etc/sudoers.d. `extra_path` is put in front of the session PATH for every session,
     including the non-interactive `ssh host command` sessions that Fabric and Ansible
     open. A relative `extra_path` is resolved against the account's home and created.
+    `accept_env` lists the environment variables, as sshd_config patterns such as
+    "LC_*", that sshd takes from a client's SendEnv or SetEnv.
     """
 
     def __init__(
@@ -203,6 +205,7 @@ class SshHost:
         sudo: bool = False,
         extra_path: str | os.PathLike[str] | None = None,
         inventory_vars: Mapping[str, Any] | None = None,
+        accept_env: Sequence[str] = (),
     ) -> None:
         self.name = name
         self.address = loopback_address(address_index)
@@ -214,6 +217,7 @@ class SshHost:
         self.base_dir = self.home / "tunefleet"
         self.extra_path = self._resolve_extra_path(extra_path)
         self.extra_inventory_vars = dict(inventory_vars or {})
+        self.accept_env = list(accept_env)
 
         # Operator-side files: keys, known_hosts, sshd config and log. Only root reads them.
         self.config_dir = workdir / f"{name}-{self.host_id}"
@@ -339,6 +343,8 @@ class SshHost:
             "MaxSessions 50",
             "Subsystem sftp internal-sftp",
         ]
+        if self.accept_env:
+            lines.append(f"AcceptEnv {' '.join(self.accept_env)}")
         if self.extra_path is not None:
             # SetEnv is applied after sshd sets its default PATH, so it replaces it in
             # every session, interactive or not (OpenSSH 8.7 and later).
@@ -946,9 +952,10 @@ class SshHostFactory:
         sudo: bool = False,
         extra_path: str | os.PathLike[str] | None = None,
         inventory_vars: Mapping[str, Any] | None = None,
+        accept_env: Sequence[str] = (),
     ) -> SshHost:
         host = SshHost(name, address_index, self.workdir, sudo=sudo, extra_path=extra_path,
-                       inventory_vars=inventory_vars)
+                       inventory_vars=inventory_vars, accept_env=accept_env)
         return self._set_up(host)
 
     def _set_up(self, host: SshHost) -> SshHost:
