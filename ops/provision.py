@@ -14,6 +14,7 @@ from typing import Any
 from urllib.parse import quote
 
 import ansible_runner
+import yaml
 
 from ops.errors import TunefleetError
 from ops.paths import playbook_dir, secrets_dir, state_dir
@@ -228,8 +229,15 @@ class DatabaseServer:
         )
 
 
-def password_file_for(inventory: Path) -> Path:
-    return secrets_dir() / f"{Path(inventory).stem}-postgresql.password"
+def password_file_for(address: str, role: str) -> Path:
+    """Return where the operator keeps the password of ``role`` on the server at ``address``.
+
+    The file is named after the server, not the inventory, so that two inventories
+    naming the same host agree on its password instead of rotating it.
+    """
+    safe_address = re.sub(r"[^A-Za-z0-9._-]", "_", address)
+    safe_role = re.sub(r"[^A-Za-z0-9._-]", "_", role)
+    return secrets_dir() / f"postgresql-{safe_address}-{safe_role}.password"
 
 
 def provision_database(
@@ -252,7 +260,8 @@ def provision_database(
     host_name, host_vars = _database_host(inventory, inventory_data)
     _check_limit(inventory, inventory_data, limit)
 
-    password_file = password_file_for(inventory)
+    described = _describe_server(host_name, {**host_vars, **extravars}, Path())
+    password_file = password_file_for(described.host, described.role)
     ensure_password(password_file)
     extravars["postgresql_password_file"] = str(password_file)
     extravars["postgresql_install_mode"] = "user" if no_sudo else "system"
@@ -310,9 +319,30 @@ def load_inventory(inventory: Path) -> InventoryData:
     from ansible.parsing.dataloader import DataLoader
     from ansible.vars.manager import VariableManager
 
+    _check_inventory_syntax(inventory)
     loader = DataLoader()
     manager = InventoryManager(loader=loader, sources=[str(inventory)])
     return InventoryData(manager, VariableManager(loader=loader, inventory=manager))
+
+
+def _check_inventory_syntax(inventory: Path) -> None:
+    """Reject a missing or malformed YAML inventory with the parser's own position.
+
+    Ansible only warns about a source it cannot parse and goes on with an empty
+    inventory, which would surface later as a misleading "no db group".
+    """
+    if not Path(inventory).is_file():
+        raise TunefleetError(f"inventory {inventory} not found", "pass the path of an existing inventory file")
+    if Path(inventory).suffix not in (".yml", ".yaml"):
+        return
+    try:
+        yaml.safe_load(Path(inventory).read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise TunefleetError(f"inventory {inventory} is not valid YAML{where}: {problem}",
+                             "fix the file and run the command again") from None
 
 
 def _database_host(inventory: Path, data: InventoryData) -> tuple[str, dict[str, Any]]:

@@ -15,11 +15,7 @@ from ops.paths import project_root
 
 @pytest.fixture
 def demo_inventory(tmp_path, first_provisioning):
-    """A copy of inventory/local.yml pointing at the session's server.
-
-    The file keeps the name local.yml because the password file is named after the
-    inventory, so the demo reuses the session's password instead of rotating it.
-    """
+    """Return a copy of inventory/local.yml that points at the session's server."""
     inventory = yaml.safe_load((project_root() / "inventory" / "local.yml").read_text())
     host_vars = inventory["all"]["children"]["db"]["hosts"]["localhost"]
     host_vars.update(first_provisioning.extravars)

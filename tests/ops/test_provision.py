@@ -12,7 +12,7 @@ import pytest
 
 from ops.errors import TunefleetError
 from ops.paths import state_dir
-from ops.provision import DatabaseServer, provision_database
+from ops.provision import DatabaseServer, database_server, password_file_for, provision_database
 from ops.secrets import ensure_password, read_secret_file, write_secret_file
 from tests.conftest import LOCAL_INVENTORY, free_port, provision_test_server
 
@@ -113,6 +113,28 @@ def test_taken_port_fails_before_initdb(tunefleet_home, server_base_dir):
     assert not (prefix / "data").exists()
 
 
+def test_move_to_taken_port_keeps_server(first_provisioning):
+    """A running server asked to move to a taken port fails before anything stops it."""
+    server = first_provisioning.server
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        taken = holder.getsockname()[1]
+        moved = provision_test_server(
+            first_provisioning.prefix, taken,
+            **{key: value for key, value in first_provisioning.extravars.items()
+               if key not in ("postgresql_prefix", "postgresql_port")},
+        )
+
+    assert not moved.result.ok
+    assert any(f"port {taken} on 127.0.0.1 is already in use" in line for line in moved.result.failures)
+    with psycopg2.connect(host=server.host, port=server.port, dbname=server.database, user=server.role,
+                          password=read_secret_file(server.password_file), connect_timeout=10) as connection:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+            assert cursor.fetchone() == (1,)
+
+
 def test_extravars_with_password_rejected(tunefleet_home):
     with pytest.raises(TunefleetError, match="postgresql_password looks like a secret"):
         provision_database(LOCAL_INVENTORY, no_sudo=True, extravars={"postgresql_password": "x"})
@@ -145,3 +167,18 @@ def test_write_secret_file_replaces_atomically(tmp_path):
     assert path.read_text() == "two"
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert [entry.name for entry in tmp_path.iterdir()] == ["value"]
+
+
+def test_malformed_inventory_names_line(tmp_path, tunefleet_home):
+    inventory = tmp_path / "broken.yml"
+    inventory.write_text("all:\n  children:\n    db: [\n")
+    with pytest.raises(TunefleetError, match=r"not valid YAML at line 4"):
+        provision_database(inventory, no_sudo=True)
+
+
+def test_password_file_named_after_server(tmp_path, first_provisioning):
+    """Two inventories naming the same server share its password instead of rotating it."""
+    copy = tmp_path / "another-name.yml"
+    copy.write_text(LOCAL_INVENTORY.read_text())
+    described = database_server(copy, first_provisioning.extravars, Path())
+    assert password_file_for(described.host, described.role) == first_provisioning.server.password_file
