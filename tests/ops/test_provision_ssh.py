@@ -266,6 +266,45 @@ def test_password_absent_from_output_artifacts_and_ps(first_run, second_run, db_
 
 
 @pytest.mark.slow
+def test_provision_command_reports_url_and_no_change(second_run, db_inventory, db_port, listen_addresses,
+                                                      tmp_path):
+    """``tunefleet provision`` as a user types it, on the already provisioned host."""
+    inventory = yaml.safe_load(db_inventory.read_text())
+    for host_vars in inventory["all"]["children"]["db"]["hosts"].values():
+        host_vars.update(postgresql_port=db_port, postgresql_listen_addresses=listen_addresses,
+                         postgresql_start_on_boot=False)
+    typed = tmp_path / "hosts.yml"
+    typed.write_text(yaml.safe_dump(inventory))
+
+    command = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "provision", "-i", str(typed), "--no-sudo"],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"},
+    )
+    assert command.returncode == 0, command.stderr[-2000:]
+    run, _ = second_run
+    assert f"storage URL: {run.server.storage_url(masked=True)}" in command.stdout
+    assert f"password file: {run.server.password_file}" in command.stdout
+    assert "0 change(s)" in command.stderr
+    assert "recap" in command.stderr
+    password = read_secret_file(run.server.password_file)
+    assert password not in command.stdout + command.stderr
+    env_file = state_dir() / "storage.env"
+    assert oct(env_file.stat().st_mode & 0o777) == "0o600"
+    assert run.server.storage_url(masked=False) in env_file.read_text()
+
+
+@pytest.mark.slow
+def test_provision_command_bad_inventory_exits_1(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "ops.cli", "provision", "-i", str(tmp_path / "missing.yml")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error: inventory")
+    assert "not found" in result.stderr
+
+
+@pytest.mark.slow
 def test_reload_only_setting_keeps_server_running(second_run, db_inventory, db_port, listen_addresses):
     run, _ = second_run
     started = query(run.server, "SELECT pg_postmaster_start_time()")
