@@ -37,8 +37,9 @@ _env_file_option = click.option(
     "--env-file",
     type=click.Path(dir_okay=False, path_type=Path),
     default=None,
-    help="Env file (mode 0600) holding TUNEFLEET_STORAGE_URL. Default: $TUNEFLEET_ENV_FILE, "
-    "else the file that 'tunefleet demo' writes under $TUNEFLEET_HOME (~/.tunefleet).",
+    help="Env file (mode 0600) with a TUNEFLEET_STORAGE_URL=... line. Without it: $TUNEFLEET_STORAGE_URL, "
+    "then the file named by $TUNEFLEET_ENV_FILE, then $TUNEFLEET_HOME/storage.env (default "
+    "~/.tunefleet/storage.env, written by 'tunefleet demo' and 'tunefleet provision').",
 )
 
 
