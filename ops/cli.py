@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import click
 
-from ops import __version__, output, storage_config, studies
+from ops import __version__, fleet_cli, output, storage_config, studies
 from ops.errors import TunefleetError
 
 log = logging.getLogger("tunefleet")
@@ -242,6 +242,9 @@ def demo(target_trials: int, workers: int, inventory: Path | None, study_name: s
 
     demo_flow.run_demo(target_trials=target_trials, worker_count=workers, inventory=inventory,
                        study_name=study_name, port=port)
+
+
+fleet_cli.register(cli)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -1,0 +1,93 @@
+"""The host agent's process control, run in this process without SSH."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from ops.fleet import agent
+
+# Prints the worker's start marker, then ignores SIGTERM, as a worker stuck in a
+# C extension would.
+STUBBORN = ("import signal, sys, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('worker x starting: study=s', flush=True); time.sleep(600)")
+# Prints the start marker and exits at SIGTERM, as a worker does.
+POLITE = "import time; print('worker x starting: study=s', flush=True); time.sleep(600)"
+
+
+def spec(tmp_path: Path, name: str, code: str, **environment: str) -> dict:
+    return {"name": name, "gpu": 0, "study": "s", "argv": [sys.executable, "-c", code],
+            "environment": environment, "cwd": str(tmp_path), "log": str(tmp_path / f"{name}.log")}
+
+
+@pytest.fixture
+def state_dir(tmp_path):
+    directory = tmp_path / "workers"
+    yield directory
+    # Leave no process behind, whatever the test did.
+    agent.stop({"state_dir": str(directory), "timeout": 0})
+
+
+def test_start_records_group_and_environment(tmp_path, state_dir):
+    answer = agent.start({"state_dir": str(state_dir), "workers": [spec(tmp_path, "gpu0", POLITE, MARK="1")],
+                          "alive_timeout": 30})
+    assert answer["workers"]["gpu0"]["result"] == "started"
+    record = json.loads((state_dir / "state.json").read_text())["workers"]["gpu0"]
+    assert record["pgid"] == record["pid"]
+    assert os.getpgid(record["pid"]) == record["pid"]
+    assert os.getsid(record["pid"]) == record["pid"]
+    environ = Path(f"/proc/{record['pid']}/environ").read_bytes().split(b"\0")
+    assert b"MARK=1" in environ
+    assert os.readlink(f"/proc/{record['pid']}/fd/0") == "/dev/null"
+
+
+def test_start_twice_leaves_running_worker_alone(tmp_path, state_dir):
+    request = {"state_dir": str(state_dir), "workers": [spec(tmp_path, "gpu0", POLITE)], "alive_timeout": 30}
+    first = agent.start(request)
+    second = agent.start(request)
+    assert second["workers"]["gpu0"]["result"] == "already running"
+    assert second["workers"]["gpu0"]["pid"] == first["workers"]["gpu0"]["pid"]
+
+
+def test_start_reports_worker_that_exits(tmp_path, state_dir):
+    failing = "import sys; print('study not found', flush=True); sys.exit(1)"
+    answer = agent.start({"state_dir": str(state_dir), "workers": [spec(tmp_path, "gpu0", failing)],
+                          "alive_timeout": 30})
+    worker = answer["workers"]["gpu0"]
+    assert worker["result"] == "exited"
+    assert worker["exit_code"] == 1
+    assert worker["last_log_lines"][-1] == "study not found"
+
+
+def test_stop_kills_group_that_ignores_sigterm(tmp_path, state_dir):
+    started = agent.start({"state_dir": str(state_dir), "workers": [spec(tmp_path, "gpu0", STUBBORN)],
+                           "alive_timeout": 30})
+    pid = started["workers"]["gpu0"]["pid"]
+    answer = agent.stop({"state_dir": str(state_dir), "timeout": 1})
+    assert answer["workers"]["gpu0"]["result"] == "killed"
+    assert answer["workers"]["gpu0"]["left"] == []
+    assert agent._group_members(pid) == []
+    assert json.loads((state_dir / "state.json").read_text())["workers"] == {}
+
+
+def test_status_marks_dead_worker(tmp_path, state_dir):
+    started = agent.start({"state_dir": str(state_dir), "workers": [spec(tmp_path, "gpu0", POLITE)],
+                           "alive_timeout": 30})
+    os.killpg(started["workers"]["gpu0"]["pid"], 9)
+    os.waitpid(started["workers"]["gpu0"]["pid"], 0)
+    worker = agent.status({"state_dir": str(state_dir)})["workers"]["gpu0"]
+    assert worker["alive"] is False
+    assert worker["finished_normally"] is False
+
+
+def test_restart_counts_in_state(tmp_path, state_dir):
+    request = {"state_dir": str(state_dir), "workers": [spec(tmp_path, "gpu0", POLITE)], "alive_timeout": 30}
+    first = agent.start(request)
+    os.killpg(first["workers"]["gpu0"]["pid"], 9)
+    os.waitpid(first["workers"]["gpu0"]["pid"], 0)
+    agent.start(request)
+    assert agent.status({"state_dir": str(state_dir)})["workers"]["gpu0"]["restarts"] == 1
