@@ -206,10 +206,11 @@ def provision(inventory: Path, no_sudo: bool, limit: str | None, check: bool) ->
     )
     progress.print_recap(console, result.recap)
     if not result.ok:
-        for line in result.failures:
+        # One line per failure; the last one carries the exit status.
+        *earlier, last = result.failures or [f"ansible-runner status {result.status}"]
+        for line in earlier:
             click.echo(f"error: {line}", err=True)
-        raise TunefleetError(f"provisioning failed on {len(result.failures) or 'some'} task(s)",
-                             "fix the cause above and run the same command again; nothing is re-initialised")
+        raise TunefleetError(last)
     if check:
         click.echo(f"check mode: {result.changed} change(s) would be made; nothing was changed", err=True)
         return

@@ -51,7 +51,7 @@ class PlaybookProgress:
         if status == "ok" and not self.show_ok:
             return
         line = Text.assemble(
-            (f"{status:<11}", _STATUS_STYLE[status]),
+            (f"{status:<12}", _STATUS_STYLE[status]),
             (f"{data.get('host', '?'):<14} ", "bold"),
             data.get("task", ""),
         )

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import os
 import re
 import shutil
+import subprocess
 import sys
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -101,18 +104,25 @@ def run_playbook(
             on_event(event)
         return True
 
-    runner = ansible_runner.run(
-        private_data_dir=str(private_data_dir),
-        project_dir=str(playbook_dir()),
-        playbook=playbook,
-        inventory=str(Path(inventory).resolve()),
-        extravars=extravars,
-        envvars={**RUNNER_ENVVARS, "PATH": _path_with_ansible()},
-        limit=limit,
-        cmdline="--check" if check else None,
-        quiet=True,
-        event_handler=handle_event,
-    )
+    # A ControlPersist connection left by an earlier run would skip the host key and
+    # login checks of this one, so each run gets its own control sockets. /tmp keeps
+    # the socket path under the 108-byte limit of Unix sockets.
+    control_dir = tempfile.mkdtemp(prefix="tf-ssh-")
+    try:
+        runner = ansible_runner.run(
+            private_data_dir=str(private_data_dir),
+            project_dir=str(playbook_dir()),
+            playbook=playbook,
+            inventory=str(Path(inventory).resolve()),
+            extravars=extravars,
+            envvars={**RUNNER_ENVVARS, "PATH": _path_with_ansible(), "ANSIBLE_SSH_CONTROL_PATH_DIR": control_dir},
+            limit=limit,
+            cmdline="--check" if check else None,
+            quiet=True,
+            event_handler=handle_event,
+        )
+    finally:
+        _close_control_sockets(control_dir)
     _prune_runs(private_data_dir.parent)
     result = PlaybookResult(
         status=runner.status,
@@ -125,6 +135,14 @@ def run_playbook(
         # ansible-playbook stopped before any task ran: a syntax error, a missing binary.
         result.failures.append(f"ansible-playbook: {_last_output_line(result.artifact_dir)}")
     return result
+
+
+def _close_control_sockets(control_dir: str) -> None:
+    """Stop the SSH master processes of a run and remove their sockets."""
+    for socket_path in Path(control_dir).iterdir():
+        subprocess.run(["ssh", "-o", f"ControlPath={socket_path}", "-O", "exit", "unused"],
+                       capture_output=True, timeout=10, check=False)
+    shutil.rmtree(control_dir, ignore_errors=True)
 
 
 def _path_with_ansible() -> str:
@@ -258,7 +276,8 @@ def provision_database(
     _reject_secret_extravars(extravars)
     inventory_data = load_inventory(inventory)
     host_name, host_vars = _database_host(inventory, inventory_data)
-    _check_limit(inventory, inventory_data, limit)
+    _check_limit(inventory, inventory_data, limit, host_name)
+    _check_client_addresses(inventory, inventory_data, {**host_vars, **extravars})
 
     described = _describe_server(host_name, {**host_vars, **extravars}, Path())
     password_file = password_file_for(described.host, described.role)
@@ -294,11 +313,21 @@ def _describe_server(host_name: str, variables: dict[str, Any], password_file: P
         address = str(variables.get("ansible_host", host_name))
     return DatabaseServer(
         host=address,
-        port=int(variables.get("postgresql_port", 5432)),
+        port=_port(variables.get("postgresql_port", 5432)),
         database=str(variables.get("postgresql_database", "optuna")),
         role=str(variables.get("postgresql_role", "optuna")),
         password_file=password_file,
     )
+
+
+def _port(value: Any) -> int:
+    try:
+        port = int(value)
+    except (TypeError, ValueError):
+        port = 0
+    if not 1 <= port <= 65535:
+        raise TunefleetError(f"invalid postgresql_port {value!r}", "use a TCP port number from 1024 to 65535")
+    return port
 
 
 def _is_local(host_name: str, variables: dict[str, Any]) -> bool:
@@ -365,7 +394,7 @@ def _database_host(inventory: Path, data: InventoryData) -> tuple[str, dict[str,
     return host.name, data.variables.get_vars(host=host)
 
 
-def _check_limit(inventory: Path, data: InventoryData, limit: str | None) -> None:
+def _check_limit(inventory: Path, data: InventoryData, limit: str | None, db_host: str) -> None:
     if not limit:
         return
     known = {host.name for host in data.manager.get_hosts()}
@@ -377,6 +406,46 @@ def _check_limit(inventory: Path, data: InventoryData, limit: str | None) -> Non
             raise TunefleetError(
                 f"host {name} in --limit not found in inventory {inventory}",
                 f"use the name of the {DATABASE_GROUP} host as the inventory spells it",
+            )
+    data.manager.subset(limit)
+    selected = {host.name for host in data.manager.get_hosts(pattern=DATABASE_GROUP)}
+    data.manager.subset(None)
+    if db_host not in selected:
+        raise TunefleetError(
+            f"--limit {limit} does not select the {DATABASE_GROUP} host {db_host}, so nothing would run",
+            f"use --limit {db_host}, or leave --limit out",
+        )
+
+
+_HOSTNAME = re.compile(r"(?=.{1,253}$)([A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+
+
+def _is_client_address(value: str) -> bool:
+    """Accept what pg_hba.conf accepts: an IP address, a CIDR block, or a host name."""
+    try:
+        ipaddress.ip_network(value, strict=False)
+        return True
+    except ValueError:
+        pass
+    # A dotted run of digits that is no IP address (127.0.0.300) is a typo, not a name.
+    return bool(_HOSTNAME.fullmatch(value)) and not re.fullmatch(r"[0-9.]+", value)
+
+
+def _check_client_addresses(inventory: Path, data: InventoryData, db_variables: dict[str, Any]) -> None:
+    """Reject addresses that would make PostgreSQL drop the whole pg_hba.conf."""
+    candidates = []
+    if "gpu" in data.manager.groups:
+        for host in data.manager.groups["gpu"].get_hosts():
+            address = str(data.variables.get_vars(host=host).get("ansible_host", host.name))
+            candidates.append((f"gpu host {host.name}", "ansible_host", address))
+    operator = str(db_variables.get("postgresql_operator_address") or "")
+    if operator:
+        candidates.append(("the db host", "postgresql_operator_address", operator))
+    for owner, variable, address in candidates:
+        if not _is_client_address(address):
+            raise TunefleetError(
+                f"{owner} in inventory {inventory} has an invalid {variable}: {address!r}",
+                "use an IP address, a CIDR block or a host name",
             )
 
 

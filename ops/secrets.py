@@ -53,7 +53,13 @@ def read_secret_file(path: Path) -> str:
             f"secret file {path} has mode {mode:04o}, readable by group or others",
             f"run: chmod 600 {path}",
         )
-    return path.read_text(encoding="utf-8").strip()
+    secret = path.read_text(encoding="utf-8").strip()
+    if not secret:
+        raise TunefleetError(
+            f"secret file {path} is empty",
+            "restore it from your records, or delete it to generate a new password on the next provision",
+        )
+    return secret
 
 
 def ensure_password(path: Path) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import socket
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import psycopg2
@@ -182,3 +184,64 @@ def test_password_file_named_after_server(tmp_path, first_provisioning):
     copy.write_text(LOCAL_INVENTORY.read_text())
     described = database_server(copy, first_provisioning.extravars, Path())
     assert password_file_for(described.host, described.role) == first_provisioning.server.password_file
+
+
+def _inventory_with(tmp_path, db_vars=None, gpu_hosts=None) -> Path:
+    inventory = {"all": {"children": {
+        "db": {"hosts": {"localhost": {"ansible_connection": "local", **(db_vars or {})}}},
+        "gpu": {"hosts": gpu_hosts or {}},
+    }}}
+    path = tmp_path / "fleet.yml"
+    path.write_text(json.dumps(inventory))
+    return path
+
+
+def test_limit_without_db_host_rejected(tmp_path, tunefleet_home):
+    inventory = _inventory_with(tmp_path, gpu_hosts={"gpu1": {"ansible_host": "127.0.0.5"}})
+    with pytest.raises(TunefleetError, match="--limit gpu1 does not select the db host localhost"):
+        provision_database(inventory, no_sudo=True, limit="gpu1")
+
+
+def test_invalid_gpu_address_rejected(tmp_path, tunefleet_home):
+    inventory = _inventory_with(tmp_path, gpu_hosts={"gpu1": {"ansible_host": "127.0.0.300"}})
+    with pytest.raises(TunefleetError, match=r"gpu host gpu1 .* invalid ansible_host: '127.0.0.300'"):
+        provision_database(inventory, no_sudo=True)
+
+
+def test_invalid_port_rejected(tmp_path, tunefleet_home):
+    inventory = _inventory_with(tmp_path, db_vars={"postgresql_port": "abc"})
+    with pytest.raises(TunefleetError, match="invalid postgresql_port 'abc'"):
+        provision_database(inventory, no_sudo=True)
+
+
+def test_empty_secret_file_rejected(tmp_path):
+    path = tmp_path / "db.password"
+    write_secret_file(path, "")
+    with pytest.raises(TunefleetError, match="is empty"):
+        read_secret_file(path)
+
+
+PORT_CHECK = Path(__file__).resolve().parents[2] / "playbooks" / "roles" / "postgresql" / "files" / "port_in_use.py"
+
+
+def _port_check(*arguments: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, str(PORT_CHECK), *arguments], capture_output=True, text=True, timeout=30)
+
+
+def test_port_check_names_each_problem():
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        taken = _port_check(str(port), "127.0.0.1")
+        held_by_server = _port_check(str(port), "127.0.0.1", "ignore-in-use")
+
+    assert taken.returncode == 1
+    assert taken.stdout.strip() == (f"port {port} on 127.0.0.1 is already in use by another process; "
+                                    "set postgresql_port to a free port")
+    assert held_by_server.returncode == 0
+
+    # 192.0.2.1 is reserved for documentation, so no host has it; binding sends nothing.
+    foreign = _port_check(str(free_port()), "127.0.0.1,192.0.2.1")
+    assert foreign.returncode == 1
+    assert foreign.stdout.strip().startswith("listen address 192.0.2.1 is not an address of this host")

@@ -469,3 +469,21 @@ def test_stopped_sshd_one_line(tunefleet_home, spare_host, tmp_path):
         f"{spare_host.name}: {spare_host.address}:{spare_host.port} unreachable (Connection refused)"
     )
     assert run.seconds < SSH_CONNECT_TIMEOUT_S + 20
+
+
+@pytest.mark.slow
+def test_host_key_checked_right_after_good_run(tunefleet_home, ssh_host_factory, tmp_path):
+    """A connection kept open by the previous run must not skip the next run's host key check."""
+    spare_host = ssh_host_factory("keycheck", 23)
+    good = provision(spare_inventory(spare_host, tmp_path / "good.yml"), check=True, postgresql_port=free_port())
+    assert good.result.ok, good.result.failures
+
+    impostor = generate_ed25519_key(tmp_path / "impostor_host_key", "impostor")
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text(known_hosts_line(spare_host.address, spare_host.port, impostor))
+    options = [f"UserKnownHostsFile={known_hosts}" if option.startswith("UserKnownHostsFile=") else option
+               for option in spare_host.ssh_options]
+    run = provision(spare_inventory(spare_host, tmp_path / "swapped.yml", ansible_ssh_common_args=shlex.join(options)),
+                    check=True, postgresql_port=free_port())
+    assert not run.result.ok
+    assert "host key of" in run.result.failures[0]
