@@ -48,7 +48,7 @@ class PlaybookProgress:
             return
         if status == "skipped" and not self.show_skipped:
             return
-        if status == "ok" and not self.show_ok:
+        if status == "ok" and not self.show_ok and not _debug_message(data):
             return
         line = Text.assemble(
             (f"{status:<12}", _STATUS_STYLE[status]),
@@ -56,6 +56,20 @@ class PlaybookProgress:
             data.get("task", ""),
         )
         self.console.print(line, highlight=False)
+        message = _debug_message(data)
+        if message:
+            # The role speaks to the operator through debug tasks: warnings, and what
+            # check mode could not show.
+            self.console.print(Text(f"{'':<12}{message}", style="cyan"), highlight=False)
+
+
+def _debug_message(data: dict[str, Any]) -> str:
+    if data.get("task_action") not in ("debug", "ansible.builtin.debug"):
+        return ""
+    message = data.get("res", {}).get("msg", "")
+    if not isinstance(message, str) or "censored" in message:
+        return ""
+    return message
 
 
 def print_recap(console: Console, recap: dict[str, Any]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pwd
 import socket
 import stat
 import subprocess
@@ -11,8 +12,10 @@ from pathlib import Path
 
 import psycopg2
 import pytest
+from rich.console import Console
 
 from ops.errors import TunefleetError
+from ops.progress import PlaybookProgress
 from ops.paths import state_dir
 from ops.provision import DatabaseServer, database_server, password_file_for, provision_database
 from ops.secrets import ensure_password, read_secret_file, write_secret_file
@@ -245,3 +248,31 @@ def test_port_check_names_each_problem():
     foreign = _port_check(str(free_port()), "127.0.0.1,192.0.2.1")
     assert foreign.returncode == 1
     assert foreign.stdout.strip().startswith("listen address 192.0.2.1 is not an address of this host")
+
+
+def test_check_mode_explains_fresh_host(tunefleet_home, server_base_dir):
+    """Check mode on a host without data shows the role's explanation, not only a count."""
+    console = Console(record=True, width=200)
+    result, _ = provision_database(
+        LOCAL_INVENTORY, no_sudo=True, check=True,
+        extravars={"postgresql_prefix": str(server_base_dir / "never-created"), "postgresql_port": free_port(),
+                   "postgresql_start_on_boot": False},
+        on_event=PlaybookProgress(console),
+    )
+    assert result.ok, result.failures
+    assert "check mode:" in console.export_text()
+    assert not (server_base_dir / "never-created" / "data").exists()
+
+
+def test_check_mode_without_account_creates_none(tunefleet_home, server_base_dir):
+    console = Console(record=True, width=200)
+    result, _ = provision_database(
+        LOCAL_INVENTORY, no_sudo=True, check=True,
+        extravars={"postgresql_user_space_account": "tf-never-made", "postgresql_port": free_port(),
+                   "postgresql_prefix": str(server_base_dir / "no-account"), "postgresql_start_on_boot": False},
+        on_event=PlaybookProgress(console),
+    )
+    assert result.ok, result.failures
+    assert "account tf-never-made does not exist" in console.export_text()
+    with pytest.raises(KeyError):
+        pwd.getpwnam("tf-never-made")
