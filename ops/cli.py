@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import click
 
-from ops import __version__, fleet_cli, output, storage_config, studies
+from ops import __version__, backup_cli, fleet_cli, output, storage_config, studies
 from ops.errors import TunefleetError
 
 log = logging.getLogger("tunefleet")
@@ -246,6 +246,8 @@ def demo(target_trials: int, workers: int, inventory: Path | None, study_name: s
 
 
 fleet_cli.register(cli)
+backup_cli.register(cli)
+backup_cli.register_study_commands(study)
 
 
 def main(argv: list[str] | None = None) -> None:

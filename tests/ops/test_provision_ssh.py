@@ -227,7 +227,11 @@ def test_hba_has_no_trust_and_peer_only_for_owner(first_run, db_host, namespaces
              (db_host.home / ".tunefleet/postgresql/data/pg_hba.conf").read_text().splitlines()
              if line.strip() and not line.startswith("#")]
     assert all(rule[-1] != "trust" for rule in rules)
-    assert [rule for rule in rules if rule[-1] == "peer"] == [["local", "all", db_host.user, "peer"]]
+    # The owner's replication rule lets pg_basebackup take backups over the socket.
+    assert [rule for rule in rules if rule[-1] == "peer"] == [
+        ["local", "all", db_host.user, "peer"],
+        ["local", "replication", db_host.user, "peer"],
+    ]
     assert ["host", "optuna", "optuna", f"{allowed.namespace_address}/32", "scram-sha-256"] in rules
 
 
