@@ -14,6 +14,7 @@ import io
 import json
 import os
 import signal
+import stat
 import sysconfig
 import threading
 import time
@@ -42,6 +43,26 @@ FAST = Timeouts(connect=5, command=120)
 def nvidia_smi_stand_in(count: int) -> str:
     lines = "\n".join(f"{index}, Stand-in GPU {index}, 16384 MiB" for index in range(count))
     return f"#!/bin/sh\ncat <<'EOF'\n{lines}\nEOF\n"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def project_packages_traversable():
+    """Let other accounts reach the project's site-packages for the test hosts' python3.
+
+    A clone may live under a directory only its owner can enter (mktemp -d makes
+    0700 ones), so each ancestor gets the search bit for others, and its old mode
+    back afterwards. Only traversal is granted, not listing.
+    """
+    site_packages = Path(sysconfig.get_paths()["purelib"]).resolve()
+    changed = []
+    for directory in [site_packages, *site_packages.parents]:
+        mode = directory.stat().st_mode
+        if not mode & stat.S_IXOTH:
+            directory.chmod(stat.S_IMODE(mode) | stat.S_IXOTH)
+            changed.append((directory, stat.S_IMODE(mode)))
+    yield
+    for directory, mode in changed:
+        directory.chmod(mode)
 
 
 def give_host_the_project_packages(host: SshHost) -> None:
