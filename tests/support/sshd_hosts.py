@@ -854,6 +854,7 @@ class NetworkNamespace:
 
     def create(self) -> NetworkNamespace:
         """Create the namespace and the veth pair, and bring both sides up."""
+        self._remove_stale_namespaces()
         self._reject_overlapping_routes()
         run_checked(["ip", "netns", "add", self.name])
         self._created = True
@@ -870,6 +871,23 @@ class NetworkNamespace:
         for command in commands:
             run_checked(command)
         return self
+
+    def _remove_stale_namespaces(self) -> None:
+        """Delete a namespace of this subnet that a killed test run left behind.
+
+        Only interfaces named by this class (tfv<id>a) are touched, so a subnet that
+        something else uses still fails in _reject_overlapping_routes.
+        """
+        addresses = run_checked(["ip", "-4", "-o", "addr", "show"]).stdout
+        for line in addresses.splitlines():
+            fields = line.split()
+            if len(fields) < 4 or not re.fullmatch(r"tfv[0-9a-f]{6}a", fields[1]):
+                continue
+            if ipaddress.ip_interface(fields[3]).ip not in self.subnet:
+                continue
+            stale_id = fields[1][3:-1]
+            subprocess.run(["ip", "netns", "delete", f"tf-{stale_id}"], capture_output=True, check=False)
+            subprocess.run(["ip", "link", "delete", fields[1]], capture_output=True, check=False)
 
     def _reject_overlapping_routes(self) -> None:
         routes = run_checked(["ip", "-4", "route", "show", "table", "all"]).stdout
