@@ -31,3 +31,5 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ansible-lint playbooks/
+
+include bench/Makefile.inc
