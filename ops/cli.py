@@ -75,6 +75,8 @@ def cli(ctx: click.Context, debug: bool) -> None:
     )
     # Optuna logs every trial at INFO; the commands print their own summaries.
     logging.getLogger("optuna").setLevel(logging.DEBUG if debug else logging.WARNING)
+    # paramiko logs every SSH connection and SFTP channel at INFO.
+    logging.getLogger("paramiko").setLevel(logging.DEBUG if debug else logging.WARNING)
 
 
 @cli.group()

@@ -156,11 +156,24 @@ def start_command(study: str, inventory: Path, limit: str | None, connect_timeou
     A --search-space file must have been shipped with 'workers deploy --include FILE'.
     """
     hosts = _select_hosts(inventory, limit)
+    _check_study_exists(study)
     options = _worker_settings(study, objective, search_space, per_gpu, threads, heartbeat_interval, grace_period)
     results = fleet.start(hosts, options, _timeouts(connect_timeout, command_timeout),
                           accept_new=accept_new_host_keys)
     _emit_results(results, fmt, f"start {study}")
     _fail_if_any_failed(results, "start")
+
+
+def _check_study_exists(study: str) -> None:
+    """Reject an unknown study before any host is contacted, when the operator's storage URL is known.
+
+    Without a storage URL here, the workers' own start-up check on each host reports it.
+    """
+    try:
+        url = storage_config.resolve_storage_url(None)
+    except TunefleetError:
+        return
+    studies.load_study(studies.open_storage(url), study)
 
 
 @workers_group.command("status")

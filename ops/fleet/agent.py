@@ -365,11 +365,21 @@ def status(request: dict[str, Any]) -> dict[str, Any]:
 
 
 def _count_finished_trials(log: Path) -> int:
+    """Count the trials finished since the worker's latest start.
+
+    A worker's log file is kept across starts, so earlier runs and studies are in it too.
+    """
+    count = 0
     try:
         with log.open(errors="replace") as handle:
-            return sum(1 for line in handle if TRIAL_FINISHED.search(line))
+            for line in handle:
+                if STARTED_MARKER in line:
+                    count = 0
+                elif TRIAL_FINISHED.search(line):
+                    count += 1
     except OSError:
         return 0
+    return count
 
 
 if __name__ == "__main__":

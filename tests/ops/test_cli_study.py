@@ -175,3 +175,15 @@ def test_best_unknown_suffix_is_usage_error(runner, env_file, tmp_path):
                      "--env-file", str(env_file))
     assert result.exit_code == 2
     assert not (tmp_path / "best.txt").exists()
+
+
+def test_workers_start_unknown_study_contacts_no_host(runner, env_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("TUNEFLEET_ENV_FILE", str(env_file))
+    # 127.0.0.254:9 has no sshd; a contacted host would fail with a connection error instead.
+    inventory = tmp_path / "fleet.yml"
+    inventory.write_text(json.dumps({"all": {"children": {"gpu": {"hosts": {
+        "gpu1": {"ansible_host": "127.0.0.254", "ansible_port": 9}}}}}}))
+    result = _invoke(runner, "workers", "start", "no-such-study", "-i", str(inventory))
+    assert result.exit_code == 1
+    assert "study 'no-such-study' not found" in result.stderr
+    assert "127.0.0.254" not in result.output

@@ -91,3 +91,16 @@ def test_restart_counts_in_state(tmp_path, state_dir):
     os.waitpid(first["workers"]["gpu0"]["pid"], 0)
     agent.start(request)
     assert agent.status({"state_dir": str(state_dir)})["workers"]["gpu0"]["restarts"] == 1
+
+
+def test_finished_count_restarts_at_each_start(tmp_path):
+    log = tmp_path / "gpu0.log"
+    log.write_text(
+        "2026-12-04 01:00:00,000 INFO trainer.worker: starting: study=old on cpu\n"
+        "2026-12-04 01:00:01,000 INFO trainer.worker: trial 0 COMPLETE value=0.9 in 1.0s\n"
+        "2026-12-04 01:00:02,000 INFO trainer.worker: trial 1 PRUNED value=- in 1.0s\n"
+        "2026-12-04 02:00:00,000 INFO trainer.worker: starting: study=new on cpu\n"
+        "2026-12-04 02:00:01,000 INFO trainer.worker: trial 0 COMPLETE value=0.8 in 1.0s\n"
+        "2026-12-04 02:00:02,000 INFO trainer.worker: trial 1 FAIL value=- in 1.0s\n"
+    )
+    assert agent._count_finished_trials(log) == 1
