@@ -95,7 +95,8 @@ def tool(bin_dir: str | None, name: str) -> str:
 
 
 def run(argv: list[str], *, step: str, env: dict[str, str] | None = None) -> str:
-    completed = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+    # The caller's directory may be one the server's account cannot enter.
+    completed = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, cwd="/")
     if completed.returncode != 0:
         tail = (completed.stderr or completed.stdout).strip()[-1500:]
         raise BackupError(f"{step} failed (exit {completed.returncode}): {tail}")
@@ -461,6 +462,26 @@ def compare_study_manifests(expected: list[dict], restored: list[dict]) -> list[
     return problems
 
 
+def wait_for_recovery_end(bin_dir: str | None, database: str, env: dict[str, str], name: str,
+                          timeout_s: float = 300.0) -> None:
+    """Wait until the scratch server has replayed the backup's WAL and accepts connections.
+
+    With hot_standby off, pg_ctl start --wait returns once recovery is consistent, while
+    the server still rejects connections until the replay ends.
+    """
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if psql(bin_dir, "postgres", "SELECT pg_is_in_recovery()", env=env) == "f":
+                return
+            reason = "still in recovery"
+        except BackupError as error:
+            reason = str(error)
+        if time.monotonic() > deadline:
+            raise BackupError(f"scratch server on backup {name} did not finish recovery in {timeout_s:.0f} s: {reason}")
+        time.sleep(0.5)
+
+
 def restore_drill(args: argparse.Namespace, directory: Path) -> dict:
     """Start a scratch server on the backup, compare its studies with the manifest, remove it."""
     expected = json.loads((directory / STUDIES_FILE).read_text())
@@ -489,6 +510,7 @@ def restore_drill(args: argparse.Namespace, directory: Path) -> dict:
             if started.returncode != 0:
                 tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else started.stderr
                 raise BackupError(f"scratch server on backup {directory.name} did not start: {tail.strip()}")
+            wait_for_recovery_end(args.bin_dir, args.database, env, directory.name)
             restored = study_manifest(args.bin_dir, args.database, env=env)
         finally:
             subprocess.run([pg_ctl, "stop", "--wait", "--mode=fast", "--pgdata", str(data_dir)],
