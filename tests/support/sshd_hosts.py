@@ -829,6 +829,10 @@ class FreshDebianHost(SshHost):
 # Network namespaces for tests that need a client address outside loopback.
 
 
+# Ids of the namespaces this process created and has not deleted yet.
+_LIVE_NAMESPACE_IDS: set[str] = set()
+
+
 class NetworkNamespace:
     """A network namespace joined to the root namespace by a veth pair on a private /30.
 
@@ -858,6 +862,7 @@ class NetworkNamespace:
         self._reject_overlapping_routes()
         run_checked(["ip", "netns", "add", self.name])
         self._created = True
+        _LIVE_NAMESPACE_IDS.add(self.namespace_id)
         prefix = self.subnet.prefixlen
         commands = [
             ["ip", "link", "add", self.root_interface, "type", "veth", "peer", "name", self.namespace_interface],
@@ -875,8 +880,9 @@ class NetworkNamespace:
     def _remove_stale_namespaces(self) -> None:
         """Delete a namespace of this subnet that a killed test run left behind.
 
-        Only interfaces named by this class (tfv<id>a) are touched, so a subnet that
-        something else uses still fails in _reject_overlapping_routes.
+        Only interfaces named by this class (tfv<id>a) and not created by this process
+        are touched, so a subnet that this run or something else uses still fails in
+        _reject_overlapping_routes.
         """
         addresses = run_checked(["ip", "-4", "-o", "addr", "show"]).stdout
         for line in addresses.splitlines():
@@ -886,6 +892,8 @@ class NetworkNamespace:
             if ipaddress.ip_interface(fields[3]).ip not in self.subnet:
                 continue
             stale_id = fields[1][3:-1]
+            if stale_id in _LIVE_NAMESPACE_IDS:
+                continue
             subprocess.run(["ip", "netns", "delete", f"tf-{stale_id}"], capture_output=True, check=False)
             subprocess.run(["ip", "link", "delete", fields[1]], capture_output=True, check=False)
 
@@ -929,6 +937,7 @@ class NetworkNamespace:
         # but only once the namespace is freed, so an explicit delete avoids a race.
         subprocess.run(["ip", "link", "delete", self.root_interface], capture_output=True, check=False)
         self._created = False
+        _LIVE_NAMESPACE_IDS.discard(self.namespace_id)
 
 
 @contextlib.contextmanager
