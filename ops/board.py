@@ -1,7 +1,7 @@
 """A live terminal board of one study and the worker processes running it.
 
 The board reads the study from the storage (trial counts by state, best
-value, which trial each worker runs) and the workers' state from whoever
+value, which trial each worker runs) and the workers' state from the code that
 started them, and redraws once a second. On a non-terminal it prints one line
 whenever the counts change instead.
 """
@@ -23,7 +23,7 @@ from ops import studies
 
 @dataclass
 class WorkerView:
-    """What the board shows of one worker."""
+    """One worker as the board shows it."""
 
     name: str
     pid: int
@@ -97,7 +97,11 @@ def render(study_name: str, target: int, snapshot: StudySnapshot, workers: list[
     worker_table.add_column("last log line", no_wrap=True, overflow="ellipsis", ratio=1)
     for worker in workers:
         trial_number = snapshot.running_by_worker.get(f"{hostname}:{worker.pid}")
-        style = "green" if worker.state == "running" else ("dim" if worker.state == "exited 0" else "red")
+        style = "red"
+        if worker.state == "running":
+            style = "green"
+        elif worker.state == "exited 0":
+            style = "dim"
         worker_table.add_row(
             worker.name,
             str(worker.pid),

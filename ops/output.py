@@ -72,7 +72,7 @@ def emit(
         return
 
     # Rich assumes 80 columns when stdout is not a terminal, which would cut names and
-    # exponents in piped output; a pipe has no width, so give it room.
+    # exponents in piped output. A pipe has no width, so the table gets room.
     console = Console(soft_wrap=True, width=None if sys.stdout.isatty() else PIPE_WIDTH)
     if rows is None:
         rows = [data] if isinstance(data, Mapping) else list(data)

@@ -1,4 +1,4 @@
-"""Where the operator's commands find the storage URL.
+"""Lookup of the storage URL for the operator's commands.
 
 Order: ``--env-file``, then the TUNEFLEET_STORAGE_URL variable, then
 TUNEFLEET_ENV_FILE, then the env file that ``tunefleet demo`` and

@@ -30,7 +30,7 @@ CONNECT_TIMEOUT_S = 10
 
 @dataclass(frozen=True)
 class StudySettings:
-    """What every worker of a study must agree on."""
+    """Settings that every worker of a study shares."""
 
     target_trials: int
     sampler: str = "tpe"
@@ -50,7 +50,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     """Connect to the storage, turning connection failures into one line."""
     engine_kwargs: dict[str, Any] = {"pool_pre_ping": True, "pool_size": 2, "max_overflow": 2}
     if url.startswith("postgresql"):
-        # Without it, a server that accepts the TCP connection and never answers hangs the command.
+        # Without it, a server that accepts the TCP connection and never replies hangs the command.
         engine_kwargs["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}
     try:
         return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
@@ -135,7 +135,7 @@ def list_studies(storage: optuna.storages.BaseStorage) -> list[dict[str, Any]]:
 
 
 def describe_trials(study: optuna.Study) -> list[dict[str, Any]]:
-    """One record per trial, oldest first, for ``study show``."""
+    """Return one record per trial, oldest first, for ``study show``."""
     records = []
     for trial in study.get_trials(deepcopy=False):
         duration = None

@@ -136,7 +136,7 @@ def resolve_storage_url(env_file: str | None, environ: Mapping[str, str]) -> str
 
 
 # TODO: a worker killed before its heartbeat thread first writes leaves a RUNNING trial
-# without a heartbeat row; Optuna's stale-trial check never sees it, so it holds a slot
+# without a heartbeat row. Optuna's stale-trial check never finds it, so it keeps a slot
 # until an operator fails it. Fail such trials by datetime_start plus the grace period.
 def open_storage(url: str, heartbeat_interval: int, grace_period: int | None,
                  stale_trial_callback: Any) -> optuna.storages.RDBStorage:
