@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
+import time
 import zlib
 from collections import Counter
 from contextlib import contextmanager
@@ -19,6 +20,7 @@ from typing import Any, Callable, Iterator, Mapping
 import optuna
 import sqlalchemy
 import sqlalchemy.exc
+from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
 URL_VARIABLE = "TUNEFLEET_STORAGE_URL"
@@ -135,9 +137,6 @@ def resolve_storage_url(env_file: str | None, environ: Mapping[str, str]) -> str
     return normalize_url(url)
 
 
-# TODO: a worker killed before its heartbeat thread first writes leaves a RUNNING trial
-# without a heartbeat row. Optuna's stale-trial check never finds it, so it keeps a slot
-# until an operator fails it. Fail such trials by datetime_start plus the grace period.
 def open_storage(url: str, heartbeat_interval: int, grace_period: int | None,
                  stale_trial_callback: Any) -> optuna.storages.RDBStorage:
     """Connect to the RDB storage with heartbeats; raise StorageError with a masked URL."""
@@ -245,6 +244,72 @@ def count_trials(storage: optuna.storages.RDBStorage, study_id: int) -> Counter[
     with storage.engine.connect() as connection:
         rows = connection.execute(query, {"id": study_id}).all()
     return Counter({str(state): int(count) for state, count in rows})
+
+
+class HeartbeatlessTrialWatch:
+    """Fails RUNNING trials whose heartbeat never started, then queues them again.
+
+    Optuna's stale-trial check looks only at trials that have a heartbeat row. A worker
+    killed between creating its trial and its heartbeat thread's first write leaves a
+    trial without one, RUNNING for good, and it holds a slot of the target. The watch
+    times such a trial from when it first saw it, on this process's clock: the trial's
+    datetime_start is the creating host's local time, and hosts differ in clock and
+    time zone.
+    """
+
+    _QUERY = sqlalchemy.text(
+        "SELECT t.trial_id FROM trials t LEFT JOIN trial_heartbeats h ON h.trial_id = t.trial_id "
+        "WHERE t.study_id = :id AND t.state = 'RUNNING' AND h.trial_id IS NULL"
+    )
+
+    def __init__(self, storage: optuna.storages.RDBStorage, study_id: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.storage = storage
+        self.study_id = study_id
+        self._clock = clock
+        self._first_seen: dict[int, float] = {}
+
+    @property
+    def grace_seconds(self) -> float:
+        # The same grace as Optuna's own check for trials that did beat.
+        if self.storage.grace_period is not None:
+            return float(self.storage.grace_period)
+        return 2.0 * float(self.storage.heartbeat_interval or 60)
+
+    def fail_overdue(self, study: optuna.Study) -> list[int]:
+        """Fail the heartbeatless trials seen for longer than the grace period; return their numbers."""
+        now = self._clock()
+        current = self._heartbeatless_trials()
+        self._first_seen = {trial_id: self._first_seen.get(trial_id, now) for trial_id in current}
+        overdue = [trial_id for trial_id, seen in self._first_seen.items()
+                   if now - seen >= self.grace_seconds]
+        if not overdue:
+            return []
+        # Read again right before failing: a slow worker may have written its first
+        # heartbeat since, and then its trial is alive.
+        overdue = [trial_id for trial_id in overdue if trial_id in self._heartbeatless_trials()]
+        failed = []
+        for trial_id in overdue:
+            try:
+                if self.storage.set_trial_state_values(trial_id, state=TrialState.FAIL):
+                    failed.append(trial_id)
+            except optuna.exceptions.UpdateFinishedTrialError:
+                pass  # It finished or another worker failed it first.
+            self._first_seen.pop(trial_id, None)
+        callback = self.storage.get_heartbeat_stale_trial_callback()
+        numbers = []
+        for trial_id in failed:
+            trial = self.storage.get_trial(trial_id)
+            numbers.append(trial.number)
+            if callback is not None:
+                callback(study, trial)
+        return numbers
+
+    def _heartbeatless_trials(self) -> set[int]:
+        # NOTE: reads Optuna's own tables, like count_trials.
+        with self.storage.engine.connect() as connection:
+            rows = connection.execute(self._QUERY, {"id": self.study_id}).all()
+        return {int(trial_id) for (trial_id,) in rows}
 
 
 @contextmanager

@@ -182,6 +182,7 @@ class Worker:
         self._release_lock: Callable[[], None] = lambda: None
         self._fatal: BaseException | None = None
         self._started: dict[int, float] = {}
+        self._heartbeatless = storage_module.HeartbeatlessTrialWatch(rdb, study_id)
 
     def handle_signal(self, signum: int, frame: Any) -> None:
         if self.stop_signal is None:
@@ -224,6 +225,9 @@ class Worker:
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             # Fails the trials of dead workers; the retry callback queues them again.
             optuna.storages.fail_stale_trials(self.study)
+        for number in self._heartbeatless.fail_overdue(self.study):
+            logger.warning("trial %d was RUNNING with no heartbeat for %.0fs; marked FAIL and queued again",
+                           number, self._heartbeatless.grace_seconds)
         self._stop_event.wait(self.wait_seconds)
 
     def _run_one_trial(self) -> None:

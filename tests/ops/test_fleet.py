@@ -345,12 +345,8 @@ def test_run_requeues_trials_of_killed_workers(fleet_hosts, make_study, payload,
     runner = threading.Thread(target=run_in_background)
     runner.start()
     try:
-        wait_for_running_trials_on(observer, victim, timeout=90)
-        # NOTE: a worker killed before its heartbeat thread first writes leaves a RUNNING
-        # trial with no heartbeat row, which Optuna never counts as stale, so the study
-        # waits forever. The test kills after the first heartbeat; the trainer should
-        # also fail such trials by their start time.
-        time.sleep(0.5)
+        # Killed as soon as a trial runs there, often before its first heartbeat: the
+        # surviving workers must fail and queue such a trial too.
         victim_trials = wait_for_running_trials_on(observer, victim, timeout=90)
         for pid in worker_pids(victim):
             os.killpg(pid, signal.SIGKILL)

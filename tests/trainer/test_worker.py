@@ -6,9 +6,11 @@ import subprocess
 import sys
 
 import optuna
+from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
 from sqlalchemy.engine import make_url
 
+from trainer import storage as storage_module
 from worker_testing import read_log, running_trial_of, wait_for, worker_environment
 
 SLEEPY = "sleepy_objective:objective"
@@ -186,3 +188,46 @@ def test_password_not_in_log_or_argv(make_study, env_file, sleepy_space, start_w
     assert password not in log
     assert password not in argv
     assert password not in ps_output
+
+
+def test_trial_without_heartbeat_is_failed_after_grace(make_study, storage_url):
+    study = make_study(target_trials=3)
+    rdb = storage_module.open_storage(storage_url, heartbeat_interval=1, grace_period=5,
+                                      stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+    study_id = rdb.get_study_id_from_name(study.study_name)
+    orphan = study.ask()  # A worker killed before its heartbeat thread's first write leaves this.
+    orphan.suggest_float("x", 0.0, 1.0)
+    beating = study.ask()
+    rdb.record_heartbeat(rdb.get_trial_id_from_study_id_trial_number(study_id, beating.number))
+    now = [100.0]
+    watch = storage_module.HeartbeatlessTrialWatch(rdb, study_id, clock=lambda: now[0])
+
+    assert watch.fail_overdue(study) == []
+    now[0] += 4.9
+    assert watch.fail_overdue(study) == []
+    now[0] += 0.1
+    assert watch.fail_overdue(study) == [orphan.number]
+    assert watch.fail_overdue(study) == []
+
+    trials = study.get_trials(deepcopy=False)
+    assert trials[orphan.number].state == TrialState.FAIL
+    assert trials[beating.number].state == TrialState.RUNNING
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert [(t.state, t.params) for t in retries] == [(TrialState.WAITING, orphan.params)]
+
+
+def test_worker_retries_trial_that_never_had_heartbeat(make_study, env_file, sleepy_space, start_worker):
+    study = make_study(target_trials=2)
+    orphan = study.ask()
+    orphan.suggest_float("x", 0.0, 1.0)
+    worker = start_worker("--study", study.study_name, "--env-file", str(env_file), "--objective", SLEEPY,
+                          "--search-space", str(sleepy_space(steps=1, step_seconds=0.01)),
+                          "--heartbeat-interval", "1", "--grace-period", "2")
+    assert worker.wait(timeout=90) == 0, read_log(worker)
+
+    trials = study.get_trials(deepcopy=False)
+    assert trials[orphan.number].state == TrialState.FAIL
+    retries = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
+    assert [(t.state, t.params) for t in retries] == [(TrialState.COMPLETE, orphan.params)]
+    assert len(finished_trials(study)) == 2
+    assert f"trial {orphan.number} was RUNNING with no heartbeat" in read_log(worker)
