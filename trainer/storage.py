@@ -251,7 +251,7 @@ class HeartbeatlessTrialWatch:
 
     Optuna's stale-trial check looks only at trials that have a heartbeat row. A worker
     killed between creating its trial and its heartbeat thread's first write leaves a
-    trial without one, RUNNING for good, and it holds a slot of the target. The watch
+    trial without one. That trial stays RUNNING and takes a slot of the target. The watch
     times such a trial from when it first saw it, on this process's clock: the trial's
     datetime_start is the creating host's local time, and hosts differ in clock and
     time zone.
@@ -271,7 +271,7 @@ class HeartbeatlessTrialWatch:
 
     @property
     def grace_seconds(self) -> float:
-        # The same grace as Optuna's own check for trials that did beat.
+        # The same grace period as Optuna's own check of trials with heartbeats.
         if self.storage.grace_period is not None:
             return float(self.storage.grace_period)
         return 2.0 * float(self.storage.heartbeat_interval or 60)
@@ -285,8 +285,8 @@ class HeartbeatlessTrialWatch:
                    if now - seen >= self.grace_seconds]
         if not overdue:
             return []
-        # Read again right before failing: a slow worker may have written its first
-        # heartbeat since, and then its trial is alive.
+        # Read again right before failing, because a slow but live worker may have
+        # written its first heartbeat in the meantime.
         overdue = [trial_id for trial_id in overdue if trial_id in self._heartbeatless_trials()]
         failed = []
         for trial_id in overdue:

@@ -190,7 +190,7 @@ def test_password_not_in_log_or_argv(make_study, env_file, sleepy_space, start_w
     assert password not in ps_output
 
 
-def test_trial_without_heartbeat_is_failed_after_grace(make_study, storage_url):
+def test_heartbeatless_trial_fails_after_grace(make_study, storage_url):
     study = make_study(target_trials=3)
     rdb = storage_module.open_storage(storage_url, heartbeat_interval=1, grace_period=5,
                                       stale_trial_callback=RetryHeartbeatStaleTrialCallback())
@@ -216,7 +216,7 @@ def test_trial_without_heartbeat_is_failed_after_grace(make_study, storage_url):
     assert [(t.state, t.params) for t in retries] == [(TrialState.WAITING, orphan.params)]
 
 
-def test_worker_retries_trial_that_never_had_heartbeat(make_study, env_file, sleepy_space, start_worker):
+def test_worker_retries_heartbeatless_trial(make_study, env_file, sleepy_space, start_worker):
     study = make_study(target_trials=2)
     orphan = study.ask()
     orphan.suggest_float("x", 0.0, 1.0)
