@@ -10,7 +10,7 @@ Three ways to run the same trivial objective with Optuna's default sampler (TPE)
 Both storage modes use the same PostgreSQL server, which the project's playbook
 installs for this benchmark. Every process of a run starts its trials at the same
 moment: plain processes wait for a line on stdin, and tunefleet workers wait for the
-advisory lock that the benchmark holds until every worker is queued on it. Worker
+lock on the trials table that the benchmark holds until every worker waits for it. Worker
 start-up (imports, connecting) is therefore outside the measured window.
 """
 
@@ -42,10 +42,9 @@ WORKER_COUNTS = (1, 4, 8)
 # Trials per throughput run, shared by the run's processes. Fewer make the timed window
 # short against start and end effects, and more push `make bench` past 30 minutes on two cores.
 THROUGHPUT_TRIALS = 160
-# "tunefleet-noping" is the worker with SQLAlchemy's pool_pre_ping turned off
-# (bench.variant_worker), an experiment for a possible change to trainer/storage.py.
-THROUGHPUT_MODES = ("plain", "tunefleet", "tunefleet-noping")
-WORKER_MODULES = {"tunefleet": "trainer.worker", "tunefleet-noping": "bench.variant_worker"}
+# "tunefleet-async" is the worker with --synchronous-commit off.
+THROUGHPUT_MODES = ("plain", "tunefleet", "tunefleet-async")
+WORKER_ARGS = {"tunefleet": (), "tunefleet-async": ("--synchronous-commit", "off")}
 # Trials already in the study before an overhead run, and trials run on top of them.
 OVERHEAD_SIZES = (1_000, 10_000)
 OVERHEAD_TRIALS = 20
@@ -53,7 +52,6 @@ OVERHEAD_TRIALS = 20
 STATEMENT_TRIALS = (10, 40)
 
 SPACE_FILE = Path(__file__).resolve().parent / "trivial_space.yml"
-LOCK_NAMESPACE = 0x7466  # trainer.storage's first advisory lock key ("tf")
 SAMPLE_INTERVAL_S = 0.2
 BARRIER_TIMEOUT_S = 180.0
 # application_name of the benchmark's own connections, which the connection count leaves out.
@@ -191,25 +189,24 @@ class StorageBench:
         return self._result(groups, started, sampler_thread, transactions_before, len(trials))
 
     def run_tunefleet(self, study: optuna.Study, workers: int, counts_file: Path | None = None,
-                      module: str = "trainer.worker") -> RunResult:
-        study_id = study._study_id
-        argv = [*_module_argv(module, counts_file), "--study", study.study_name,
+                      worker_args: tuple[str, ...] = ()) -> RunResult:
+        module = "trainer.worker"
+        argv = [*_module_argv(module, counts_file), *worker_args, "--study", study.study_name,
                 "--objective", "bench.trivial_objective:objective", "--search-space", str(SPACE_FILE),
                 "--results-dir", str(self.workdir / "results"), "--threads", "1"]
-        keys = {"namespace": LOCK_NAMESPACE, "study": study_id}
         log_path = self.workdir / f"{study.study_name}.log"
         with self.engine.connect() as barrier, open(log_path, "w") as log:
-            barrier.execute(sqlalchemy.text("SELECT pg_advisory_lock(:namespace, :study)"), keys)
-            barrier.commit()
+            # Workers read the trials table before their first trial, so an exclusive lock
+            # on it holds every worker at that point until all of them are started.
+            barrier.execute(sqlalchemy.text("LOCK TABLE trials IN ACCESS EXCLUSIVE MODE"))
             processes = [subprocess.Popen(argv, env=self.environment, cwd=project_root(),
                                           stdin=subprocess.DEVNULL, stdout=log, stderr=log)
                          for _ in range(workers)]
             try:
-                self._wait_until_queued(processes, study_id, log_path)
+                self._wait_until_queued(processes, log_path)
                 transactions_before = transaction_count(self.engine)
                 with ConnectionSampler(self.engine) as sampler_thread:
                     started = time.time()
-                    barrier.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:namespace, :study)"), keys)
                     barrier.commit()
                     for process in processes:
                         process.wait(timeout=RUN_TIMEOUT_S)
@@ -225,22 +222,23 @@ class StorageBench:
             by_worker.setdefault(trial.user_attrs.get("worker", "?"), []).append(trial)
         return self._result(list(by_worker.values()), started, sampler_thread, transactions_before, len(finished))
 
-    def _wait_until_queued(self, processes: list[subprocess.Popen], study_id: int, log_path: Path) -> None:
+    def _wait_until_queued(self, processes: list[subprocess.Popen], log_path: Path) -> None:
         query = sqlalchemy.text(
-            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted "
-            "AND classid = :namespace AND objid = :study"
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'relation' AND NOT granted "
+            "AND relation = 'trials'::regclass"
         )
         deadline = time.monotonic() + BARRIER_TIMEOUT_S
         with self.engine.connect() as connection:
             while time.monotonic() < deadline:
                 if any(process.poll() is not None for process in processes):
                     raise RuntimeError(f"a worker process exited before its first trial; see {log_path}")
-                waiting = connection.execute(query, {"namespace": LOCK_NAMESPACE, "study": study_id}).scalar_one()
+                waiting = connection.execute(query).scalar_one()
                 connection.commit()
                 if waiting == len(processes):
                     return
                 time.sleep(0.1)
-        raise RuntimeError(f"workers did not reach the trial-count lock within {BARRIER_TIMEOUT_S:.0f} s; see {log_path}")
+        raise RuntimeError(f"workers did not reach the locked trials table within {BARRIER_TIMEOUT_S:.0f} s; "
+                           f"see {log_path}")
 
     def _result(self, groups: list[list[FrozenTrial]], started: float, sampler_thread: ConnectionSampler,
                 transactions_before: int, trial_count: int) -> RunResult:
@@ -303,7 +301,7 @@ def measure_throughput(bench: StorageBench, repetitions: int, log: Any) -> dict[
                 if mode == "plain":
                     result = bench.run_plain(name, workers, THROUGHPUT_TRIALS)
                 else:
-                    result = bench.run_tunefleet(study, workers, module=WORKER_MODULES[mode])
+                    result = bench.run_tunefleet(study, workers, worker_args=WORKER_ARGS[mode])
                 runs.setdefault(f"{mode}-{workers}", []).append(result)
                 log(f"storage: repetition {repetition + 1}, {mode}, workers={workers}: "
                     f"{result.trials_per_second:.1f} trials/s, {result.max_connections} connections")

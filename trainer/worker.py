@@ -41,6 +41,7 @@ import tempfile
 import threading
 import time
 import warnings
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -155,6 +156,10 @@ def select_device(threads: int | None) -> Any:
     return torch.device("cpu")
 
 
+def _no_lock() -> None:
+    """Release nothing: the trial was created without the trial-count lock."""
+
+
 class Worker:
     """Runs trials of one study until its target is reached or a signal stops it."""
 
@@ -162,6 +167,7 @@ class Worker:
                  settings: storage_module.StudySettings,
                  objective: Callable[..., float], space: SearchSpace, device: Any,
                  results_dir: Path, worker_id: str, wait_seconds: float,
+                 heartbeat_interval: float, grace_period: float | None = None,
                  max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES) -> None:
         self.study = study
         self.rdb = rdb
@@ -179,10 +185,14 @@ class Worker:
         self.stop_signal: int | None = None
         self._stop_event = threading.Event()
         self._in_objective = False
-        self._release_lock: Callable[[], None] = lambda: None
+        self._release_lock: Callable[[], None] = _no_lock
         self._fatal: BaseException | None = None
         self._started: dict[int, float] = {}
-        self._heartbeatless = storage_module.HeartbeatlessTrialWatch(rdb, study_id)
+        self.heartbeat = storage_module.TrialHeartbeat(rdb, heartbeat_interval)
+        self.stale_watch = storage_module.StaleTrialWatch(
+            rdb, study_id, grace_seconds=grace_period or 2 * heartbeat_interval,
+            retry=RetryHeartbeatStaleTrialCallback(max_retry=MAX_STALE_RETRIES))
+        self._next_stale_check = 0.0
 
     def handle_signal(self, signum: int, frame: Any) -> None:
         if self.stop_signal is None:
@@ -196,19 +206,32 @@ class Worker:
 
     def run(self) -> str:
         """Run trials; return why the worker stopped."""
+        self.heartbeat.start()
+        try:
+            return self._run_trials()
+        finally:
+            self.heartbeat.stop()
+
+    def _run_trials(self) -> str:
+        target = self.settings.target_trials
         while not self._stop_event.is_set():
-            with storage_module.trial_count_lock(self.rdb, self.study_id) as release:
-                counts = storage_module.count_trials(self.rdb, self.study_id)
-                finished = counts["COMPLETE"] + counts["PRUNED"]
-                if finished >= self.settings.target_trials:
-                    return f"target reached ({finished}/{self.settings.target_trials} trials finished)"
-                slots_taken = finished + counts["RUNNING"]
-                if counts["WAITING"] == 0 and slots_taken >= self.settings.target_trials:
-                    release()
-                    self._wait_for_running_trials(counts)
-                    continue
-                self._release_lock = release
+            self._fail_stale_trials(due_only=True)
+            counts = storage_module.count_trials(self.rdb, self.study_id)
+            if counts.finished >= target:
+                return f"target reached ({counts.finished}/{target} trials finished)"
+            if counts.open_slots(target) > storage_module.lock_headroom(counts.workers):
                 self._run_one_trial()
+            else:
+                with storage_module.trial_count_lock(self.rdb, self.study_id) as (release, connection):
+                    counts = storage_module.count_trials(self.rdb, self.study_id, connection)
+                    if counts.finished >= target:
+                        return f"target reached ({counts.finished}/{target} trials finished)"
+                    if counts.states["WAITING"] == 0 and counts.open_slots(target) <= 0:
+                        release()
+                        self._wait_for_running_trials(counts)
+                        continue
+                    self._release_lock = release
+                    self._run_one_trial()
             if self._fatal is not None:
                 raise WorkerError(f"objective failed with {type(self._fatal).__name__}: {self._fatal}")
             if self.consecutive_failures >= self.max_consecutive_failures:
@@ -218,17 +241,21 @@ class Worker:
                 )
         return f"stopped by {signal.Signals(self.stop_signal).name}"
 
-    def _wait_for_running_trials(self, counts: Mapping[str, int]) -> None:
+    def _wait_for_running_trials(self, counts: storage_module.TrialCounts) -> None:
         logger.debug("all %d slots are taken by finished or running trials (%s); waiting %.0fs",
-                     self.settings.target_trials, dict(counts), self.wait_seconds)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            # Fails the trials of dead workers; the retry callback queues them again.
-            optuna.storages.fail_stale_trials(self.study)
-        for number in self._heartbeatless.fail_overdue(self.study):
-            logger.warning("trial %d was RUNNING with no heartbeat for %.0fs; marked FAIL and queued again",
-                           number, self._heartbeatless.grace_seconds)
+                     self.settings.target_trials, dict(counts.states), self.wait_seconds)
+        self._fail_stale_trials(due_only=False)
         self._stop_event.wait(self.wait_seconds)
+
+    def _fail_stale_trials(self, due_only: bool) -> None:
+        """Fail and queue again the trials of dead workers, at most once per heartbeat interval."""
+        now = time.monotonic()
+        if due_only and now < self._next_stale_check:
+            return
+        self._next_stale_check = now + self.heartbeat.interval
+        for number in self.stale_watch.fail_stale(self.study):
+            logger.warning("trial %d had no heartbeat for %.0fs; marked FAIL and queued again",
+                           number, self.stale_watch.grace_seconds)
 
     def _run_one_trial(self) -> None:
         try:
@@ -237,13 +264,16 @@ class Worker:
         except StopRequested:
             self._requeue_interrupted_trial()
         finally:
+            self.heartbeat.beat_for(None)
             self._release_lock()
+            self._release_lock = _no_lock
 
     def _objective(self, trial: optuna.Trial) -> float:
         self._release_lock()
         self._started[trial.number] = time.monotonic()
+        trial_id, original_number = storage_module.trial_identity(self.rdb, self.study_id, trial.number)
+        self.heartbeat.beat_for(trial_id)
         trial.set_user_attr("worker", self.worker_id)
-        original_number = self._original_number(trial)
         seed = trial_seed(self.settings.seed, original_number)
         seed_everything(seed)
         params = self.space.sample(trial)
@@ -265,12 +295,6 @@ class Worker:
             raise
         finally:
             self._in_objective = False
-
-    def _original_number(self, trial: optuna.Trial) -> int:
-        # RetryHeartbeatStaleTrialCallback stores the first attempt's number as the
-        # system attribute "failed_trial" on each retry.
-        trial_id = self.rdb.get_trial_id_from_study_id_trial_number(self.study_id, trial.number)
-        return self.rdb.get_trial_system_attrs(trial_id).get("failed_trial", trial.number)
 
     def _on_trial_end(self, study: optuna.Study, trial: FrozenTrial) -> None:
         self.trials_run += 1
@@ -327,6 +351,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--grace-period", type=_positive_int, metavar="SECONDS",
                         help="seconds without heartbeat before a running trial counts as dead "
                              "and is retried (default: twice the heartbeat interval)")
+    parser.add_argument("--synchronous-commit", choices=["on", "off"], default="on",
+                        help="off lets the server acknowledge this worker's commits before they reach "
+                             "the disk: faster for short trials, and a server crash can lose the last "
+                             "fraction of a second of trial updates, whose trials are then retried "
+                             "(default: on)")
     parser.add_argument("--max-consecutive-failures", type=_positive_int, metavar="N",
                         default=DEFAULT_MAX_CONSECUTIVE_FAILURES,
                         help="exit with status 1 after N failed trials in a row "
@@ -370,8 +399,9 @@ def run(args: argparse.Namespace) -> int:
     objective = load_objective(args.objective)
     url = storage_module.resolve_storage_url(args.env_file, os.environ)
 
-    stale_retry = RetryHeartbeatStaleTrialCallback(max_retry=MAX_STALE_RETRIES)
-    rdb = storage_module.open_storage(url, args.heartbeat_interval, args.grace_period, stale_retry)
+    application = storage_module.WORKER_APPLICATION_PREFIX + f"{zlib.crc32(worker_id.encode()):08x}"
+    rdb = storage_module.open_storage(url, application_name=application,
+                                      synchronous_commit=args.synchronous_commit == "on")
     study_id, settings = storage_module.find_study(rdb, args.study)
     study = optuna.load_study(
         study_name=args.study, storage=rdb,
@@ -389,6 +419,7 @@ def run(args: argparse.Namespace) -> int:
     device = select_device(args.threads)
     worker = Worker(study, rdb, study_id, settings, objective, space, device, results_dir, worker_id,
                     wait_seconds=min(float(args.heartbeat_interval), WAIT_POLL_SECONDS),
+                    heartbeat_interval=args.heartbeat_interval, grace_period=args.grace_period,
                     max_consecutive_failures=args.max_consecutive_failures)
     signal.signal(signal.SIGTERM, worker.handle_signal)
     signal.signal(signal.SIGINT, worker.handle_signal)
@@ -413,7 +444,12 @@ def _safe_name(name: str) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.grace_period is not None and args.grace_period <= args.heartbeat_interval:
+        # A live trial writes its first heartbeat up to one interval after it starts.
+        parser.error(f"--grace-period ({args.grace_period}) must be longer than "
+                     f"--heartbeat-interval ({args.heartbeat_interval})")
     configure_logging(args.log_level)
     try:
         return run(args)
@@ -421,8 +457,8 @@ def main(argv: list[str] | None = None) -> int:
         logger.error("%s", error)
         return 1
     except (sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError) as error:
-        # The storage was reachable at start; a lost connection mid-run ends up here
-        # after pre-ping could not re-open it. Trials left RUNNING turn stale and retry.
+        # The storage was reachable at start, so a lost connection mid-run ends up here
+        # when no new connection could be opened. Trials left RUNNING turn stale and retry.
         while error.__cause__ is not None:
             error = error.__cause__
         logger.error("lost the storage: %s; the trial of this worker, if any, is retried by "

@@ -122,7 +122,7 @@ def _storage_facts(env_file: str, study: str | None) -> dict[str, Any]:
         _tcp_connect(url)
         _log_in(url)
         if study:
-            rdb = storage.open_storage(url, heartbeat_interval=60, grace_period=None, stale_trial_callback=None)
+            rdb = storage.open_storage(url)
             storage.find_study(rdb, study)
     except storage.StorageError as error:
         facts["storage_error"] = str(error)

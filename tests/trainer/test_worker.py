@@ -4,6 +4,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import optuna
 from optuna.storages import RetryHeartbeatStaleTrialCallback
@@ -43,6 +44,20 @@ def test_two_workers_stop_at_target(make_study, env_file, sleepy_space, start_wo
         assert os.path.isabs(checkpoint)
         assert os.path.exists(checkpoint)
         assert checkpoint.endswith(f"trial-{trial.number}.pt")
+
+
+def test_three_workers_hit_large_target_exactly(make_study, env_file, sleepy_space, start_worker):
+    # Most of these trials start without the trial-count lock, and only the last few take it.
+    study = make_study(target_trials=60, sampler="random")
+    space = sleepy_space(steps=1, step_seconds=0.0)
+    workers = [start_worker("--study", study.study_name, "--env-file", str(env_file),
+                            "--objective", SLEEPY, "--search-space", str(space)) for _ in range(3)]
+    for worker in workers:
+        assert worker.wait(timeout=180) == 0, read_log(worker)
+
+    states = [trial.state for trial in study.get_trials(deepcopy=False)]
+    assert states.count(TrialState.COMPLETE) == 60
+    assert len(states) == 60
 
 
 def test_worker_on_finished_study_runs_nothing(make_study, env_file, sleepy_space, start_worker):
@@ -190,30 +205,59 @@ def test_password_not_in_log_or_argv(make_study, env_file, sleepy_space, start_w
     assert password not in ps_output
 
 
-def test_heartbeatless_trial_fails_after_grace(make_study, storage_url):
+def test_stale_watch_fails_trial_without_heartbeat(make_study, storage_url):
     study = make_study(target_trials=3)
-    rdb = storage_module.open_storage(storage_url, heartbeat_interval=1, grace_period=5,
-                                      stale_trial_callback=RetryHeartbeatStaleTrialCallback())
+    rdb = storage_module.open_storage(storage_url)
     study_id = rdb.get_study_id_from_name(study.study_name)
-    orphan = study.ask()  # A worker killed before its heartbeat thread's first write leaves this.
+    orphan = study.ask()  # A worker killed before its first heartbeat leaves this.
     orphan.suggest_float("x", 0.0, 1.0)
     beating = study.ask()
     rdb.record_heartbeat(rdb.get_trial_id_from_study_id_trial_number(study_id, beating.number))
     now = [100.0]
-    watch = storage_module.HeartbeatlessTrialWatch(rdb, study_id, clock=lambda: now[0])
+    watch = storage_module.StaleTrialWatch(rdb, study_id, grace_seconds=5,
+                                           retry=RetryHeartbeatStaleTrialCallback(), clock=lambda: now[0])
 
-    assert watch.fail_overdue(study) == []
+    assert watch.fail_stale(study) == []
     now[0] += 4.9
-    assert watch.fail_overdue(study) == []
+    assert watch.fail_stale(study) == []
     now[0] += 0.1
-    assert watch.fail_overdue(study) == [orphan.number]
-    assert watch.fail_overdue(study) == []
+    assert watch.fail_stale(study) == [orphan.number]
+    assert watch.fail_stale(study) == []
 
     trials = study.get_trials(deepcopy=False)
     assert trials[orphan.number].state == TrialState.FAIL
     assert trials[beating.number].state == TrialState.RUNNING
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
     assert [(t.state, t.params) for t in retries] == [(TrialState.WAITING, orphan.params)]
+
+
+def test_stale_watch_fails_trial_with_late_heartbeat(make_study, storage_url):
+    study = make_study(target_trials=3)
+    rdb = storage_module.open_storage(storage_url)
+    study_id = rdb.get_study_id_from_name(study.study_name)
+    late, fresh = study.ask(), study.ask()
+    for trial in (late, fresh):
+        rdb.record_heartbeat(rdb.get_trial_id_from_study_id_trial_number(study_id, trial.number))
+    time.sleep(2.5)
+    rdb.record_heartbeat(rdb.get_trial_id_from_study_id_trial_number(study_id, fresh.number))
+    watch = storage_module.StaleTrialWatch(rdb, study_id, grace_seconds=2, retry=None)
+
+    assert watch.fail_stale(study) == [late.number]
+    states = [trial.state for trial in study.get_trials(deepcopy=False)]
+    assert states == [TrialState.FAIL, TrialState.RUNNING]
+
+
+def test_count_trials_sees_connected_workers(make_study, storage_url):
+    study = make_study(target_trials=3)
+    study.ask()
+    names = [storage_module.WORKER_APPLICATION_PREFIX + suffix for suffix in ("a", "b")]
+    storages = [storage_module.open_storage(storage_url, application_name=name) for name in names]
+    study_id = storages[0].get_study_id_from_name(study.study_name)
+
+    counts = storage_module.count_trials(storages[1], study_id)
+    assert counts.states["RUNNING"] == 1
+    assert counts.open_slots(3) == 2
+    assert counts.workers >= 2
 
 
 def test_worker_retries_heartbeatless_trial(make_study, env_file, sleepy_space, start_worker):
@@ -230,4 +274,4 @@ def test_worker_retries_heartbeatless_trial(make_study, env_file, sleepy_space, 
     retries = [t for t in trials if t.system_attrs.get("failed_trial") == orphan.number]
     assert [(t.state, t.params) for t in retries] == [(TrialState.COMPLETE, orphan.params)]
     assert len(finished_trials(study)) == 2
-    assert f"trial {orphan.number} was RUNNING with no heartbeat" in read_log(worker)
+    assert f"trial {orphan.number} had no heartbeat for 2s; marked FAIL" in read_log(worker)
