@@ -59,7 +59,8 @@ def take_snapshot(study: optuna.Study) -> StudySnapshot:
     )
 
 
-def _format_elapsed(seconds: float) -> str:
+def format_duration(seconds: float) -> str:
+    """Format seconds as H:MM:SS."""
     minutes, secs = divmod(int(seconds), 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours:d}:{minutes:02d}:{secs:02d}"
@@ -72,23 +73,45 @@ def short_log_line(line: str) -> str:
     return message.split(" params=")[0]
 
 
+def study_header(study_name: str, target: int, snapshot: StudySnapshot, elapsed: float,
+                 *extra: tuple[str, str]) -> Text:
+    """Build the board's first line; `extra` adds (label, value) pairs after the finished count."""
+    parts: list[str | tuple[str, str]] = [
+        ("study ", "dim"), (study_name, "bold"),
+        ("  elapsed ", "dim"), format_duration(elapsed),
+        ("  finished ", "dim"), f"{studies.finished_count(snapshot.counts)}/{target}",
+    ]
+    for label, value in extra:
+        parts += [(f"  {label} ", "dim"), value]
+    return Text.assemble(*parts)
+
+
+def trial_table(snapshot: StudySnapshot) -> Table:
+    """Build the table of trial counts by state and the best value."""
+    table = Table(show_edge=False, header_style="bold")
+    for state in studies.STATE_ORDER:
+        table.add_column(state.lower(), justify="right")
+    table.add_column("best value", justify="right")
+    best = "-" if snapshot.best_value is None else f"{snapshot.best_value:.4f} (trial {snapshot.best_number})"
+    table.add_row(*(str(snapshot.counts[state]) for state in studies.STATE_ORDER), best)
+    return table
+
+
+class ChangedLinePrinter:
+    """Print a summary line on a non-terminal only when more than its elapsed time changed."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+        self.last_line = ""
+
+    def print(self, line: str) -> None:
+        if line.split(", elapsed")[0] != self.last_line.split(", elapsed")[0]:
+            self.console.print(line, highlight=False)
+            self.last_line = line
+
+
 def render(study_name: str, target: int, snapshot: StudySnapshot, workers: list[WorkerView],
            elapsed: float, hostname: str) -> Group:
-    counts = snapshot.counts
-    finished = studies.finished_count(counts)
-    header = Text.assemble(
-        ("study ", "dim"), (study_name, "bold"),
-        ("  elapsed ", "dim"), _format_elapsed(elapsed),
-        ("  finished ", "dim"), f"{finished}/{target}",
-    )
-
-    trial_table = Table(show_edge=False, header_style="bold")
-    for state in studies.STATE_ORDER:
-        trial_table.add_column(state.lower(), justify="right")
-    trial_table.add_column("best value", justify="right")
-    best = "-" if snapshot.best_value is None else f"{snapshot.best_value:.4f} (trial {snapshot.best_number})"
-    trial_table.add_row(*(str(counts[state]) for state in studies.STATE_ORDER), best)
-
     worker_table = Table(show_edge=False, header_style="bold")
     worker_table.add_column("worker", no_wrap=True, min_width=8)
     worker_table.add_column("pid", no_wrap=True, min_width=6)
@@ -109,7 +132,7 @@ def render(study_name: str, target: int, snapshot: StudySnapshot, workers: list[
             "-" if trial_number is None else f"#{trial_number}",
             short_log_line(worker.last_log_line),
         )
-    return Group(header, trial_table, worker_table)
+    return Group(study_header(study_name, target, snapshot, elapsed), trial_table(snapshot), worker_table)
 
 
 def summary_line(study_name: str, target: int, snapshot: StudySnapshot, elapsed: float) -> str:
@@ -118,7 +141,7 @@ def summary_line(study_name: str, target: int, snapshot: StudySnapshot, elapsed:
     return (
         f"{study_name}: {studies.finished_count(counts)}/{target} finished "
         f"(complete {counts['COMPLETE']}, pruned {counts['PRUNED']}, failed {counts['FAIL']}, "
-        f"running {counts['RUNNING']}), best {best}, elapsed {_format_elapsed(elapsed)}"
+        f"running {counts['RUNNING']}), best {best}, elapsed {format_duration(elapsed)}"
     )
 
 
@@ -138,13 +161,10 @@ def watch(study: optuna.Study, target: int, source: WorkerSource, *, until_done,
                 time.sleep(interval)
         return take_snapshot(study)
 
-    last_line = ""
+    printer = ChangedLinePrinter(console)
     while not until_done():
         snapshot = take_snapshot(study)
-        line = summary_line(study.study_name, target, snapshot, clock() - started)
-        if line.split(", elapsed")[0] != last_line.split(", elapsed")[0]:
-            console.print(line, highlight=False)
-            last_line = line
+        printer.print(summary_line(study.study_name, target, snapshot, clock() - started))
         time.sleep(interval)
     snapshot = take_snapshot(study)
     console.print(summary_line(study.study_name, target, snapshot, clock() - started), highlight=False)

@@ -4,7 +4,7 @@ It uses the standard library only and never imports `ops`, because it runs on th
 worker host with the host's interpreter. The operator sends one JSON request on stdin
 and reads one JSON document from stdout:
 
-    python tunefleet_agent.py preflight|start|stop|status < request.json
+    python tunefleet_agent.py preflight|gpus|start|stop|status|prune < request.json
 
 Workers are started here, not through a shell line over SSH, so that starting them is
 an ordinary fork in a process that waits for the result. Each worker gets its own
@@ -32,11 +32,14 @@ STATE_FILE = "state.json"
 STARTED_MARKER = " starting: study="
 FINISHED_MARKER = " finished: "
 TRIAL_FINISHED = re.compile(r" trial \d+ (COMPLETE|PRUNED) ")
+# A payload folder, or the archive of an upload that was cut short, named by its SHA-256.
+PAYLOAD_ENTRY = re.compile(r"^([0-9a-f]{64})(\.tar\.gz)?$")
 
 
 def main() -> int:
     command = sys.argv[1] if len(sys.argv) > 1 else ""
-    handlers = {"preflight": preflight, "gpus": gpus, "start": start, "stop": stop, "status": status}
+    handlers = {"preflight": preflight, "gpus": gpus, "start": start, "stop": stop, "status": status,
+                "prune": prune}
     if command not in handlers:
         print(json.dumps({"error": f"unknown agent command {command!r}"}))
         return 2
@@ -380,6 +383,40 @@ def _count_finished_trials(log: Path) -> int:
     except OSError:
         return 0
     return count
+
+
+
+# Prune.
+
+
+def prune(request: dict[str, Any]) -> dict[str, Any]:
+    """Remove payload folders except those in `keep` and those that live workers import from."""
+    root = Path(request["payload_root"])
+    in_use = _payloads_in_use(_read_state(Path(request["state_dir"])))
+    keep = set(request["keep"]) | in_use
+    removed = []
+    for entry in sorted(root.iterdir()) if root.is_dir() else []:
+        match = PAYLOAD_ENTRY.match(entry.name)
+        if match is None or match.group(1) in keep:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
+        removed.append(match.group(1))
+    return {"hostname": socket.gethostname(), "removed": sorted(set(removed)),
+            "in_use": sorted(in_use - set(request["keep"]))}
+
+
+def _payloads_in_use(state: dict[str, Any]) -> set[str]:
+    used = set()
+    for record in state["workers"].values():
+        if not _group_members(record["pgid"]):
+            continue
+        # Records written before "payload" was recorded name the folder first in PYTHONPATH.
+        payload = record.get("payload") or Path(record["environment"]["PYTHONPATH"].split(":")[0]).name
+        used.add(payload)
+    return used
 
 
 if __name__ == "__main__":

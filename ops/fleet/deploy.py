@@ -2,13 +2,16 @@
 
 Each step reads the host's state first: the payload is uploaded and its requirements
 installed only when the host's recorded hash differs, the virtualenv is created only
-when missing, and the env file is rewritten only when its content changed.
+when missing, and the env file is rewritten only when its content changed. A new
+payload replaces older ones, but the one before it and those that running workers
+import from stay.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import logging
 import os
 import posixpath
 from dataclasses import dataclass
@@ -19,6 +22,8 @@ from ops.fleet.connection import HostConnection, HostError, Timeouts, quote
 from ops.fleet.fanout import HostResult
 from ops.fleet.payload import REQUIREMENTS, Payload
 from ops.inventory import FleetHost
+
+logger = logging.getLogger("tunefleet.fleet")
 
 MIN_PYTHON = (3, 9)
 # Enough for the payload, the virtualenv's own packages and some checkpoints; a host
@@ -53,6 +58,7 @@ def deploy_host(host: FleetHost, options: DeployOptions) -> HostResult:
         if changed or venv_created:
             install_requirements(connection, layout, options.payload.sha256, options.install_timeout)
             connection.run(f"printf '%s\\n' {options.payload.sha256} > {quote(layout.hash_file)}")
+        removed = remove_old_payloads(connection, layout, options.payload.sha256, previous) if changed else []
         env_written = upload_env_file(connection, layout, options.env_text)
 
         report = remote.call_agent(connection, layout, options.payload.sha256, "preflight",
@@ -60,7 +66,8 @@ def deploy_host(host: FleetHost, options: DeployOptions) -> HostResult:
 
     data: dict[str, Any] = {
         "uploaded": changed, "venv_created": venv_created, "env_file_written": env_written,
-        "payload": options.payload.short_hash, **_summary(report),
+        "payload": options.payload.short_hash, "payloads_removed": [sha256[:12] for sha256 in removed],
+        **_summary(report),
     }
     problems = preflight_problems(report, layout)
     if problems:
@@ -86,12 +93,7 @@ def check_python(connection: HostConnection) -> str:
 
 
 def upload_payload(connection: HostConnection, layout: remote.RemoteLayout, payload: Payload) -> None:
-    """Upload and unpack the payload into its own folder named by its hash.
-
-    Older payload folders stay, because running workers may still import from them.
-    """
-    # TODO: remove payload folders that no worker in the state file uses, once stop
-    # records which payload each worker ran.
+    """Upload and unpack the payload into its own folder named by its hash."""
     target = layout.payload_dir(payload.sha256)
     archive = f"{target}.tar.gz"
     connection.run(f"mkdir -p {quote(posixpath.dirname(target))}")
@@ -99,6 +101,22 @@ def upload_payload(connection: HostConnection, layout: remote.RemoteLayout, payl
     sftp.putfo(io.BytesIO(payload.data), archive)
     connection.run(f"rm -rf {quote(target)} && mkdir -p {quote(target)} && "
                    f"tar -xzf {quote(archive)} -C {quote(target)} && rm -f {quote(archive)}")
+
+
+def remove_old_payloads(connection: HostConnection, layout: remote.RemoteLayout, current: str,
+                        previous: str | None) -> list[str]:
+    """Remove the payload folders other than `current` and `previous`; return the removed hashes.
+
+    The host agent keeps every folder that a live worker in the state file imports from,
+    because deleting it would break that worker's next import.
+    """
+    keep = [current] + ([previous] if previous else [])
+    answer = remote.call_agent(connection, layout, current, "prune",
+                               {"state_dir": layout.state_dir, "payload_root": layout.payload_root, "keep": keep})
+    if answer["in_use"]:
+        logger.info("%s: kept payload(s) %s because workers still run from them", connection.host.name,
+                    ", ".join(sha256[:12] for sha256 in answer["in_use"]))
+    return answer["removed"]
 
 
 def ensure_venv(connection: HostConnection, layout: remote.RemoteLayout) -> bool:
@@ -196,6 +214,8 @@ def _summary(report: dict[str, Any]) -> dict[str, Any]:
 def _describe(data: dict[str, Any], report: dict[str, Any]) -> str:
     gpus = f"{len(data['gpus'])} GPU(s)" if data["gpus"] else f"no GPU (nvidia-smi {report.get('nvidia_smi')})"
     shipped = f"payload {data['payload']} uploaded" if data["uploaded"] else f"payload {data['payload']} unchanged"
+    if data["payloads_removed"]:
+        shipped += f", {len(data['payloads_removed'])} old payload(s) removed"
     text = (f"{shipped}; python {data['python']}, torch {data['torch']}, cuda {data['cuda']}, {gpus}, "
             f"{data['disk_free_gib']} GiB free, database ok")
     if data["gpus"] and not data["cuda"]:

@@ -1,6 +1,7 @@
 """The layout of tunefleet's base directory on a worker host, and calls to the host agent.
 
-    BASE/payload/HASH/     unpacked payloads; workers import trainer/ from one of them
+    BASE/payload/HASH/     unpacked payloads, the current one, the one before it and those
+                           that running workers import from
     BASE/payload.sha256    hash of the payload whose requirements are installed
     BASE/venv/             virtualenv with access to the system's site-packages
     BASE/storage.env       TUNEFLEET_STORAGE_URL=..., mode 0600
@@ -30,8 +31,12 @@ class RemoteLayout:
     def hash_file(self) -> str:
         return f"{self.base}/{HASH_FILE}"
 
+    @property
+    def payload_root(self) -> str:
+        return f"{self.base}/payload"
+
     def payload_dir(self, sha256: str) -> str:
-        return f"{self.base}/payload/{sha256}"
+        return f"{self.payload_root}/{sha256}"
 
     @property
     def venv_python(self) -> str:

@@ -1,12 +1,16 @@
 """`tunefleet run STUDY`: deploy, start one worker per GPU, watch until the study's target.
 
 While it watches, `run` restarts a worker that died before the target, up to a limit
-per worker. The trial the dead worker held is failed and queued again by the heartbeat
-of the workers still running (Optuna's stale-trial check), so `run` never edits trials.
+per worker, in the background so that the board keeps refreshing. The trial the dead
+worker held is failed and queued again by the stale-trial check of the workers still
+running, so `run` never edits trials. The workers of a host that
+cannot be reached are shown as unknown, not dead, and are not restarted, because they
+may still be running.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -14,16 +18,18 @@ from dataclasses import dataclass, field
 
 import optuna
 import sqlalchemy.exc
-from rich.console import Console
+from rich.console import Console, Group
 from rich.live import Live
 
 from ops import board, studies
 from ops.fleet import deploy as deploy_module
 from ops.fleet import trials as fleet_trials
 from ops.fleet import workers as workers_module
-from ops.fleet.board import FleetWorkerRow, Progress, render, summary_line
+from ops.board import format_duration
+from ops.fleet.board import FleetWorkerRow, HostOutage, Progress, render, summary_line
 from ops.fleet.connection import Timeouts
 from ops.fleet.fanout import HostResult, for_each_host
+from ops.fleet.restarts import WorkerRestarts
 from ops.inventory import FleetHost
 
 logger = logging.getLogger("tunefleet.fleet")
@@ -76,26 +82,31 @@ class FleetWatcher:
     """Polls the hosts, restarts dead workers and draws the board until the target."""
 
     def __init__(self, hosts: Sequence[FleetHost], study: optuna.Study, target: int, options: RunOptions,
-                 console: Console, clock: Callable[[], float] = time.monotonic) -> None:
+                 console: Console, clock: Callable[[], float] = time.monotonic,
+                 wall_clock: Callable[[], float] = time.time) -> None:
         self.hosts = {host.name: host for host in hosts}
         self.study = study
         self.target = target
         self.options = options
         self.console = console
         self.clock = clock
+        self.wall_clock = wall_clock
         self.rows: list[FleetWorkerRow] = []
-        self.restarts: dict[tuple[str, str], int] = {}
-        self.unreachable: set[str] = set()
+        self.outages: dict[str, HostOutage] = {}
+        self.restarts = WorkerRestarts(self.hosts, options.workers, options.timeouts, options.max_restarts, clock)
         self.reported_dead: set[tuple[str, str, int]] = set()
-        self.restarted_in_last_poll = False
         self.storage_errors = 0
         snapshot = board.take_snapshot(study)
         self.progress = Progress(target, studies.finished_count(snapshot.counts))
 
+    @property
+    def unreachable(self) -> set[str]:
+        return set(self.outages)
+
     def watch(self) -> board.StudySnapshot:
         """Poll and redraw until the study reaches its target; return the last snapshot."""
         started = self.clock()
-        last_line = ""
+        printer = board.ChangedLinePrinter(self.console)
         live = Live(console=self.console, refresh_per_second=4) if self.console.is_terminal else None
         if live is not None:
             live.start()
@@ -109,22 +120,29 @@ class FleetWatcher:
                 self._attach_trials(snapshot)
                 elapsed = self.clock() - started
                 if live is not None:
-                    live.update(render(self.study.study_name, snapshot, self.rows, self.progress, elapsed))
+                    live.update(self.render(snapshot, elapsed))
                 else:
-                    line = summary_line(self.study.study_name, snapshot, self.rows, self.progress, elapsed)
-                    if line.split(", elapsed")[0] != last_line.split(", elapsed")[0]:
-                        self.console.print(line, highlight=False)
-                        last_line = line
-                if studies.finished_count(snapshot.counts) >= self.target:
-                    return snapshot
-                if self.rows and not self.restarted_in_last_poll and not any(
-                        row.state in ("alive", "unreachable") for row in self.rows):
-                    # Every worker is dead and out of restarts: nothing will finish the study.
+                    printer.print(summary_line(self.study.study_name, snapshot, self.rows, self.progress, elapsed,
+                                               list(self.outages.values())))
+                if studies.finished_count(snapshot.counts) >= self.target or self._nothing_left_to_run():
                     return snapshot
                 time.sleep(self.options.poll_interval)
         finally:
             if live is not None:
                 live.stop()
+
+    def render(self, snapshot: board.StudySnapshot, elapsed: float) -> Group:
+        """Draw the board from `snapshot` and the hosts' state of the last poll."""
+        return render(self.study.study_name, snapshot, self.rows, self.progress, elapsed,
+                      list(self.outages.values()))
+
+    def _nothing_left_to_run(self) -> bool:
+        # Workers of an unreachable host may still run, and a restart may still bring one back.
+        # NOTE: a host that stays unreachable therefore keeps `run` watching until Ctrl-C,
+        # even when every other worker is dead and out of restarts.
+        waiting = ("alive", "unknown", "restarting")
+        return bool(self.rows) and not self.restarts.any_in_flight and not any(
+            row.state in waiting for row in self.rows)
 
     def _read_snapshot(self) -> board.StudySnapshot | None:
         """Read the study, or return None after logging a storage error the next poll may not hit."""
@@ -137,20 +155,38 @@ class FleetWatcher:
             return None
 
     def poll(self) -> None:
+        """Read every host's workers once, then restart the dead ones in the background."""
+        polled_at = self.clock()
         results = for_each_host(list(self.hosts.values()),
                                 lambda host: workers_module.status_host(host, self.options.timeouts))
         rows = []
         for result in results:
-            if not result.ok:
-                self._event_once(("unreachable", result.host, 0), f"{result.host}: {result.message}")
-                self.unreachable.add(result.host)
-                rows += [FleetWorkerRow(row.host, row.name, row.gpu, "unreachable") for row in self.rows
-                         if row.host == result.host]
-                continue
-            self.unreachable.discard(result.host)
-            rows += self._rows_of(result)
+            if result.ok:
+                self._host_reachable(result.host)
+                rows += self._rows_of(result)
+            else:
+                self._host_unreachable(result.host, result.message)
+                rows += [_unknown(row) for row in self.rows if row.host == result.host]
         self.rows = rows
-        self._restart_dead_workers()
+        for event in self.restarts.collect():
+            self.progress.events.append(event)
+        self._restart_dead_workers(polled_at)
+
+    def _host_unreachable(self, host: str, reason: str) -> None:
+        if host in self.outages:
+            self.outages[host].reason = reason
+            return
+        self.outages[host] = HostOutage(host, reason, self.wall_clock())
+        message = self.outages[host].describe()
+        self.progress.events.append(message)
+        logger.warning("%s", message)
+
+    def _host_reachable(self, host: str) -> None:
+        outage = self.outages.pop(host, None)
+        if outage is not None:
+            message = f"{host} is reachable again after {format_duration(self.wall_clock() - outage.since)}"
+            self.progress.events.append(message)
+            logger.info("%s", message)
 
     def _rows_of(self, result: HostResult) -> list[FleetWorkerRow]:
         rows = []
@@ -167,8 +203,7 @@ class FleetWatcher:
         for row in self.rows:
             row.trial = snapshot.running_by_worker.get(row.worker_id)
 
-    def _restart_dead_workers(self) -> None:
-        self.restarted_in_last_poll = False
+    def _restart_dead_workers(self, polled_at: float) -> None:
         snapshot = self._read_snapshot()
         if snapshot is None or studies.finished_count(snapshot.counts) >= self.target:
             return
@@ -176,25 +211,31 @@ class FleetWatcher:
             if row.state != "dead":
                 continue
             key = (row.host, row.name)
+            # A status read before a restart ended still shows the worker that restart replaced.
+            if self.restarts.in_flight(key) or self.restarts.finished_since(key, polled_at):
+                row.state = "restarting"
+                continue
             self._event_once((row.host, row.name, row.restarts),
                              f"worker {row.host}:{row.name} died: {row.last_log_line[-100:]}; its trial, if any, "
                              "is failed and queued again once its heartbeat is stale")
-            if self.restarts.get(key, 0) >= self.options.max_restarts:
-                continue
-            self.restarts[key] = self.restarts.get(key, 0) + 1
-            self.restarted_in_last_poll = True
-            result = workers_module.start_host(self.hosts[row.host], self.options.workers, self.options.timeouts,
-                                               only={row.name})
-            outcome = "restarted" if result.ok else f"restart failed: {result.message}"
-            self.progress.events.append(
-                f"worker {row.host}:{row.name} {outcome} ({self.restarts[key]}/{self.options.max_restarts})")
-            logger.info("worker %s:%s %s", row.host, row.name, outcome)
+            if self.restarts.submit(key):
+                row.state = "restarting"
 
     def _event_once(self, key: tuple[str, str, int], message: str) -> None:
         if key not in self.reported_dead:
             self.reported_dead.add(key)
             self.progress.events.append(message)
             logger.warning("%s", message)
+
+    def close(self) -> None:
+        """Wait for the restarts in flight and end their threads."""
+        self.restarts.close()
+
+
+def _unknown(row: FleetWorkerRow) -> FleetWorkerRow:
+    """Return `row` as unknown, keeping what its host reported last."""
+    last_known = row.last_known_state if row.state == "unknown" else row.state
+    return dataclasses.replace(row, state="unknown", last_known_state=last_known)
 
 
 def run_study(hosts: Sequence[FleetHost], study: optuna.Study, target: int, options: RunOptions,
@@ -219,11 +260,12 @@ def run_study(hosts: Sequence[FleetHost], study: optuna.Study, target: int, opti
         if outcome.target_reached:
             _wait_for_workers_to_finish(watcher)
     finally:
+        watcher.close()
         # Workers stop on their own at the target; this ends any that still run, such as
         # after Ctrl-C, so that no trial is left RUNNING.
         fleet.stop(running, options.timeouts, stop_timeout=options.stop_timeout)
     outcome.counts = studies.count_states(study.get_trials(deepcopy=False))
-    outcome.restarts = sum(watcher.restarts.values())
+    outcome.restarts = sum(watcher.restarts.counts.values())
     outcome.unreachable = set(watcher.unreachable)
     return outcome
 

@@ -97,7 +97,7 @@ def _worker_spec(slot: WorkerSlot, layout: remote.RemoteLayout, sha256: str,
         "PYTHONPATH": f"{payload_dir}:{payload_dir}/{EXTRA_DIR}",
         "PYTHONUNBUFFERED": "1",
     }
-    return {"name": slot.name, "gpu": slot.gpu, "study": options.study, "argv": argv,
+    return {"name": slot.name, "gpu": slot.gpu, "study": options.study, "payload": sha256, "argv": argv,
             "environment": environment, "cwd": layout.base, "log": layout.log_file(slot.name)}
 
 

@@ -31,7 +31,8 @@ from rich.console import Console
 from ops import fleet, studies
 from ops.fleet import trials as fleet_trials
 from ops.fleet.connection import Timeouts
-from ops.fleet.run import RunOptions, run_study
+from ops.board import take_snapshot
+from ops.fleet.run import FleetWatcher, RunOptions, run_study
 from ops.inventory import load_gpu_hosts
 from support.sshd_hosts import SshHost, write_inventory
 
@@ -197,6 +198,35 @@ def test_second_deploy_uploads_nothing(first_deploy, inventory, payload, env_tex
     assert {name: path.stat().st_mtime_ns for name, path in hash_files.items()} == mtimes
 
 
+def test_deploy_prunes_old_payloads(fleet_hosts, make_study, gpu_hosts, payload, env_text,
+                                                     sleepy_space, tmp_path):
+    host = fleet_hosts[0]
+    payload_root = gpu_hosts[host.name].base_dir / "payload"
+    study = make_study(target_trials=200)
+    started = fleet.start([host], sleepy_options(study), FAST)[0]
+    assert started.ok, started.message
+    marker = tmp_path / "marker.txt"
+    changed = []
+    try:
+        for round_number in range(3):
+            marker.write_text(f"round {round_number}\n")
+            changed.append(fleet.build_payload([SLEEPY_OBJECTIVE, sleepy_space, marker]))
+            (result,) = fleet.deploy([host], fleet.DeployOptions(payload=changed[-1], env_text=env_text,
+                                                                 timeouts=FAST))
+            assert result.ok, result.message
+            assert result.data["uploaded"] is True
+        # The running workers still import from the first payload, so it stays.
+        assert {path.name for path in payload_root.iterdir()} == {
+            payload.sha256, changed[1].sha256, changed[2].sha256}
+        assert result.data["payloads_removed"] == [changed[0].short_hash]
+    finally:
+        fleet.stop([host], FAST, stop_timeout=20)
+        # The other tests start workers from the installed payload, with its sleepy objective.
+        (restored,) = fleet.deploy([host], fleet.DeployOptions(payload=payload, env_text=env_text, timeouts=FAST))
+    assert restored.ok, restored.message
+    assert {path.name for path in payload_root.iterdir()} == {payload.sha256, changed[2].sha256}
+
+
 # Start, status and stop.
 
 
@@ -306,6 +336,78 @@ def assert_no_lost_or_duplicated_trial(study: optuna.Study, target: int) -> None
     assert len(retried_from) == len(set(retried_from)), f"a failed trial was queued twice: {retried_from}"
     for failed in by_state[TrialState.FAIL]:
         assert failed.number in retried_from, f"failed trial {failed.number} was never queued again"
+
+
+def render_text(watcher: FleetWatcher) -> str:
+    console = Console(record=True, width=250, force_terminal=False)
+    console.print(watcher.render(take_snapshot(watcher.study), elapsed=5.0))
+    return console.export_text()
+
+
+def test_board_marks_unreachable_host(fleet_hosts, make_study, payload, env_text, gpu_hosts):
+    study = make_study(target_trials=200)
+    host = fleet_hosts[0]
+    started = fleet.start([host], sleepy_options(study), FAST)[0]
+    assert started.ok, started.message
+    watcher = FleetWatcher([host], study, 200, run_options(study, payload, env_text), quiet_console())
+    try:
+        watcher.poll()
+        assert [row.state for row in watcher.rows] == ["alive", "alive"]
+
+        sshd = gpu_hosts[host.name]
+        sshd.stop()
+        try:
+            watcher.poll()
+            watcher.poll()
+            rows_during_outage = [(row.state, row.last_known_state) for row in watcher.rows]
+            outage = watcher.outages.get(host.name)
+            board_during_outage = render_text(watcher)
+        finally:
+            sshd.start()
+        assert rows_during_outage == [("unknown", "alive"), ("unknown", "alive")]
+        assert outage is not None
+        assert outage.reason.startswith(f"connect to {sshd.address}:{sshd.port} failed")
+        assert f"{host.name} unreachable since" in board_during_outage
+        assert "dead" not in board_during_outage
+        assert watcher.restarts.counts == {}
+        assert not any("died" in event for event in watcher.progress.events)
+
+        watcher.poll()
+        assert [row.state for row in watcher.rows] == ["alive", "alive"]
+        assert watcher.outages == {}
+        assert any(f"{host.name} is reachable again" in event for event in watcher.progress.events)
+    finally:
+        watcher.close()
+
+
+def test_restart_runs_in_background(fleet_hosts, make_study, payload, env_text):
+    study = make_study(target_trials=200)
+    host = fleet_hosts[0]
+    started = fleet.start([host], sleepy_options(study), FAST)[0]
+    assert started.ok, started.message
+    watcher = FleetWatcher([host], study, 200, run_options(study, payload, env_text), quiet_console())
+    key = (host.name, "gpu0")
+    try:
+        os.killpg(started.data["workers"]["gpu0"]["pid"], signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while key not in watcher.restarts.counts and time.monotonic() < deadline:
+            watcher.poll()
+        # A restart waits seconds for the worker's start line; poll() returned long before that.
+        assert watcher.restarts.in_flight(key)
+
+        # The worker still reads as dead (or as starting) while its restart is in flight.
+        watcher.poll()
+        assert watcher.restarts.counts == {key: 1}
+        states = {row.name: row.state for row in watcher.rows}
+        assert states["gpu0"] in ("restarting", "alive")
+
+        assert watcher.restarts.wait(timeout=120)
+        watcher.poll()
+        assert {row.name: row.state for row in watcher.rows} == {"gpu0": "alive", "gpu1": "alive"}
+        assert watcher.restarts.counts == {key: 1}
+        assert f"worker {host.name}:gpu0 restarted (1/2)" in watcher.progress.events
+    finally:
+        watcher.close()
 
 
 def test_run_finishes_study_while_one_host_is_unreachable(fleet_hosts, make_study, payload, env_text, gpu_hosts):

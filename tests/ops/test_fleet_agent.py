@@ -104,3 +104,39 @@ def test_finished_count_restarts_at_each_start(tmp_path):
         "2026-12-04 02:00:02,000 INFO trainer.worker: trial 1 FAIL value=- in 1.0s\n"
     )
     assert agent._count_finished_trials(log) == 1
+
+
+def test_prune_keeps_requested_and_in_use_payloads(tmp_path, state_dir):
+    root = tmp_path / "payload"
+    hashes = [character * 64 for character in "abcde"]
+    for sha256 in hashes:
+        (root / sha256).mkdir(parents=True)
+    (root / f"{hashes[4]}.tar.gz").write_bytes(b"cut short")
+    (root / "notes").mkdir()
+    live = spec(tmp_path, "gpu0", POLITE)
+    live["payload"] = hashes[2]
+    # A record from before "payload" was recorded names its folder in PYTHONPATH only.
+    legacy = spec(tmp_path, "gpu1", POLITE, PYTHONPATH=f"{root / hashes[3]}:{root / hashes[3]}/extra")
+    agent.start({"state_dir": str(state_dir), "workers": [live, legacy], "alive_timeout": 30})
+
+    answer = agent.prune({"state_dir": str(state_dir), "payload_root": str(root), "keep": hashes[:2]})
+
+    assert answer["removed"] == [hashes[4]]
+    assert answer["in_use"] == [hashes[2], hashes[3]]
+    assert sorted(path.name for path in root.iterdir()) == [*hashes[:4], "notes"]
+
+
+def test_prune_removes_payload_of_stopped_worker(tmp_path, state_dir):
+    root = tmp_path / "payload"
+    old, current = "a" * 64, "b" * 64
+    (root / old).mkdir(parents=True)
+    (root / current).mkdir()
+    worker = spec(tmp_path, "gpu0", POLITE)
+    worker["payload"] = old
+    agent.start({"state_dir": str(state_dir), "workers": [worker], "alive_timeout": 30})
+    agent.stop({"state_dir": str(state_dir), "timeout": 10})
+
+    answer = agent.prune({"state_dir": str(state_dir), "payload_root": str(root), "keep": [current]})
+
+    assert answer["removed"] == [old]
+    assert [path.name for path in root.iterdir()] == [current]
