@@ -75,6 +75,9 @@ def backup_create(inventory: Path, no_sudo: bool, backup_dir: str | None, compre
     with _backup_host(inventory, no_sudo, backup_dir) as host:
         click.echo(f"backing up into {host.site.backup_dir} on the db host", err=True)
         record = backups.create_backup(host, compression=compression)
+    if record.get("removed_partials"):
+        click.echo("removed the partial directories of backups that did not finish: "
+                   + ", ".join(record["removed_partials"]), err=True)
     output.emit(record, fmt, rows=[_row(record)], columns=LIST_COLUMNS)
 
 

@@ -62,6 +62,11 @@ class CommandRunner(Protocol):
     def __call__(self, command: str, stdin: str) -> tuple[int, str, str]: ...
 
 
+def current_account() -> str:
+    """Return the name of the account that runs this process."""
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
 def run_locally(command: str, stdin: str) -> tuple[int, str, str]:
     completed = subprocess.run(["sh", "-c", command], input=stdin, capture_output=True, text=True,
                                timeout=SCRIPT_TIMEOUT_S, check=False)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -19,6 +22,7 @@ import yaml
 from optuna.trial import TrialState
 
 from conftest import free_port, provision_test_server, server_account
+from support.sshd_hosts import descendant_pids
 from ops.backups import BackupHost, BackupSite, create_backup, list_backups, verify_backup
 from ops.errors import TunefleetError
 from ops.paths import project_root
@@ -474,3 +478,85 @@ def test_schedule_installs_cron_job_that_records_failure(cli_group, local_invent
         crontab = "".join(line + "\n" for line in crontab_of(server_account()).splitlines()
                           if str(wrapper) not in line and "tunefleet backup" not in line)
         subprocess.run(["crontab", "-u", server_account(), "-"], input=crontab, text=True, check=False)
+
+
+def fake_partial(backup_dir: Path, name: str) -> tuple[Path, Path]:
+    """Create .partial-<name> with a file and its lock file, owned by the server's account."""
+    account = pwd.getpwnam(server_account())
+    directory = backup_dir / f".partial-{name}"
+    directory.mkdir(mode=0o700)
+    (directory / "base.tar.gz").write_bytes(b"half a base backup")
+    lock = backup_dir / f".partial-{name}.lock"
+    lock.write_text("999999\n")
+    for path in (directory, directory / "base.tar.gz", lock):
+        os.chown(path, account.pw_uid, account.pw_gid)
+    return directory, lock
+
+
+def test_create_removes_only_unlocked_partials(backup_host):
+    backup_dir = Path(backup_host.site.backup_dir)
+    stale, stale_lock = fake_partial(backup_dir, "20200101T000000Z")
+    live, live_lock = fake_partial(backup_dir, "20200101T000100Z")
+
+    # The test holds this lock the way a backup that is still running would.
+    with open(live_lock) as held:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        record = create_backup(backup_host)
+
+    assert record["status"] == "good"
+    assert record["removed_partials"] == ["20200101T000000Z"]
+    assert not stale.exists()
+    assert not stale_lock.exists()
+    assert (live / "base.tar.gz").read_bytes() == b"half a base backup"
+    assert live_lock.exists()
+    listed = {entry["name"]: entry for entry in list_backups(backup_host)["backups"]}
+    assert listed["20200101T000000Z"]["status"] == "failed"
+    assert "interrupted" in listed["20200101T000000Z"]["error"]
+    assert listed["20200101T000000Z"]["started_at"] == "2020-01-01T00:00:00+00:00"
+    assert "20200101T000100Z" not in listed
+    assert verify_backup(backup_host, record["name"])["verified"] is True
+
+
+def kill_process_tree(root: int) -> None:
+    """SIGKILL `root` and its descendants, stopping each first so that none forks in between.
+
+    Killing the process group is not enough, because su starts the command in a new session.
+    """
+    stopped: list[int] = []
+    while pids := [pid for pid in [root, *descendant_pids(root)] if pid not in stopped]:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+            stopped.append(pid)
+    for pid in stopped:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_create_after_killed_backup_removes_partial(backup_host, backup_storage_url):
+    add_study(backup_storage_url, trials=2)
+    backup_dir = Path(backup_host.site.backup_dir)
+    command = backup_host._command(("create",))
+    killed = subprocess.Popen(["sh", "-c", command], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not list(backup_dir.glob(".partial-*/base.tar*")) and time.monotonic() < deadline:
+            assert killed.poll() is None, "the backup finished before the test could kill it"
+            time.sleep(0.01)
+    finally:
+        # The script and pg_basebackup go at once, as when the machine loses power.
+        kill_process_tree(killed.pid)
+        killed.wait(timeout=30)
+    leftovers = [path for path in backup_dir.glob(".partial-*") if path.is_dir()]
+    assert len(leftovers) == 1
+    killed_name = leftovers[0].name.removeprefix(".partial-")
+
+    record = create_backup(backup_host)
+
+    assert record["status"] == "good"
+    assert record["removed_partials"] == [killed_name]
+    assert list(backup_dir.glob(".partial-*")) == []
+    assert list(backup_dir.glob(".scratch-*")) == []
+    statuses = {entry["name"]: entry["status"] for entry in list_backups(backup_host)["backups"]}
+    assert statuses == {killed_name: "failed", record["name"]: "good"}
+    assert verify_backup(backup_host, record["name"], restore=True)["verified"] is True

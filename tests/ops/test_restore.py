@@ -1,8 +1,11 @@
-"""Restoring a backup onto another server prefix of this machine with the real role and a real worker."""
+"""Restoring a backup with the real role and a real worker: onto another prefix of this
+machine, and from one loopback sshd host onto another over SFTP."""
 
 from __future__ import annotations
 
 import os
+import pwd
+import shlex
 import subprocess
 import sys
 import uuid
@@ -14,13 +17,14 @@ import yaml
 from optuna.trial import TrialState
 
 from conftest import free_port, provision_test_server, server_account, stop_server
-from ops.backups import BackupHost, BackupSite, create_backup
+from ops.backups import BackupHost, BackupSite, create_backup, open_backup_host
 from ops.errors import TunefleetError
 from ops.paths import project_root
-from ops.restore import restore_backup
+from ops.provision import provision_database
+from ops.restore import STAGING_DIR, restore_backup
+from support.sshd_hosts import write_inventory as write_ssh_inventory
 
 pytestmark = pytest.mark.slow
-
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +149,139 @@ def test_restore_rejects_unknown_backup(source_server, server_base_dir, tmp_path
         restore_backup(inventory, "19990101T000000Z", "new-db", no_sudo=True)
 
     assert "not found" in str(caught.value)
+
+
+# Over SSH: the db host and the restore target are two loopback sshd hosts, each with its
+# own unprivileged account, so the backup travels from one account to the other over SFTP.
+
+
+@pytest.fixture(scope="module")
+def ssh_fleet(tunefleet_home, ssh_host_factory, tmp_path_factory):
+    """An inventory with a db host whose server was provisioned without sudo, and an empty spare host."""
+    db = ssh_host_factory("restoredb", 48)
+    spare = ssh_host_factory("restorespare", 49)
+    inventory = write_ssh_inventory(
+        tmp_path_factory.mktemp("restore-ssh") / "fleet.yml", {"db": [db], "spare": [spare], "gpu": []},
+        host_vars={db.name: {"postgresql_port": free_port(), "postgresql_start_on_boot": False},
+                   spare.name: {"postgresql_port": free_port(), "postgresql_start_on_boot": False}},
+    )
+    result, server = provision_database(inventory, no_sudo=True)
+    assert result.ok, result.failures
+    return inventory, db, spare, server
+
+
+def ssh_source_backup(inventory: Path, server) -> tuple[optuna.Study, dict, BackupHost]:
+    study = optuna.create_study(study_name=f"restore-ssh-{uuid.uuid4().hex[:8]}",
+                                storage=server.storage_url(masked=False), direction="maximize")
+    study.set_user_attr("tunefleet", {"target_trials": 6, "sampler": "random", "pruner": "none", "seed": 3})
+    study.optimize(lambda trial: trial.suggest_float("x", 0.0, 1.0), n_trials=4)
+    host = open_backup_host(inventory, no_sudo=True)
+    try:
+        code, _, stderr = host.runner(f"mkdir -m 700 -p {shlex.quote(host.site.backup_dir)}", "")
+        assert code == 0, stderr
+        record = create_backup(host)
+    finally:
+        host.connection.close()
+    return study, record, host
+
+
+def with_prefix(inventory: Path, host_name: str, prefix: Path) -> Path:
+    """Copy `inventory` with another prefix and port for spare host `host_name`, so it can take several restores."""
+    data = yaml.safe_load(inventory.read_text())
+    data["all"]["children"]["spare"]["hosts"][host_name].update(postgresql_prefix=str(prefix), postgresql_port=free_port())
+    copy = inventory.with_name(f"fleet-{uuid.uuid4().hex[:6]}.yml")
+    copy.write_text(yaml.safe_dump(data))
+    return copy
+
+
+def test_restore_over_ssh_onto_second_host(ssh_fleet, tmp_path):
+    inventory, _, spare, server = ssh_fleet
+    study, record, _ = ssh_source_backup(inventory, server)
+
+    report = restore_backup(inventory, record["name"], spare.name, no_sudo=True)
+
+    assert report.ok, report.problems
+    restored = next(entry for entry in report.studies if entry["name"] == study.study_name)
+    assert restored["trials"] == {"COMPLETE": 4}
+    assert restored["best_value"] == pytest.approx(study.best_value)
+    prefix = spare.path_on_machine(Path(report.data_dir).parent)
+    data_dir = prefix / "data"
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    assert data_dir.stat().st_uid == pwd.getpwnam(spare.user).pw_uid
+    assert not (prefix / STAGING_DIR).exists()
+
+    # The worker runs on this machine and reaches the restored server on the spare host's address.
+    assert report.server.host == spare.address
+    target_url = report.server.storage_url(masked=False)
+    worker = run_worker(target_url, study.study_name, tmp_path)
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    continued = optuna.load_study(study_name=study.study_name, storage=target_url)
+    assert len(continued.get_trials(states=(TrialState.COMPLETE,))) == 6
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+
+
+def test_restore_over_ssh_rejects_corrupted_copy(ssh_fleet):
+    inventory, db, spare, server = ssh_fleet
+    _, record, source = ssh_source_backup(inventory, server)
+    # Damaged after verification, so only the checksums on the target can catch it.
+    backup_dir = db.path_on_machine(source.site.backup_dir) / record["name"]
+    archive = next(backup_dir.glob("base.tar*"))
+    content = bytearray(archive.read_bytes())
+    content[len(content) // 2] ^= 0xFF
+    archive.write_bytes(bytes(content))
+    prefix = spare.home / f"corrupt-{uuid.uuid4().hex[:6]}"
+
+    with pytest.raises(TunefleetError) as caught:
+        restore_backup(with_prefix(inventory, spare.name, prefix), record["name"], spare.name, no_sudo=True)
+
+    assert f"{archive.name}: checksum mismatch" in str(caught.value)
+    on_machine = spare.path_on_machine(prefix)
+    assert not (on_machine / "data").exists() or not any((on_machine / "data").iterdir())
+    assert not (on_machine / STAGING_DIR).exists()
+    assert not (on_machine / "run").exists() or not any((on_machine / "run").iterdir())
+
+
+# System mode: two fresh Debian hosts with sudo and without systemd, each with Debian's
+# cluster layout. The target gets the packages without a cluster, then the backup's data
+# directory and its /etc/postgresql/N/main.
+
+
+def test_restore_system_mode_onto_second_host(tunefleet_home, fresh_debian_host, tmp_path):
+    db = fresh_debian_host("restore-sys-db", 50)
+    spare = fresh_debian_host("restore-sys-spare", 51)
+    inventory = write_ssh_inventory(
+        tmp_path / "fleet.yml", {"db": [db], "spare": [spare], "gpu": []},
+        host_vars={db.name: {"postgresql_port": free_port()}, spare.name: {"postgresql_port": free_port()}},
+    )
+    result, server = provision_database(inventory, no_sudo=False)
+    assert result.ok, result.failures
+    study = optuna.create_study(study_name=f"restore-sys-{uuid.uuid4().hex[:8]}",
+                                storage=server.storage_url(masked=False), direction="maximize")
+    study.set_user_attr("tunefleet", {"target_trials": 6, "sampler": "random", "pruner": "none", "seed": 4})
+    study.optimize(lambda trial: trial.suggest_float("x", 0.0, 1.0), n_trials=4)
+    source = open_backup_host(inventory, no_sudo=False)
+    try:
+        code, _, stderr = source.runner(
+            f"sudo -n install -d -m 700 -o postgres -g postgres {shlex.quote(source.site.backup_dir)}", "")
+        assert code == 0, stderr
+        record = create_backup(source)
+    finally:
+        source.connection.close()
+
+    report = restore_backup(inventory, record["name"], spare.name, no_sudo=False)
+
+    assert report.ok, report.problems
+    restored = next(entry for entry in report.studies if entry["name"] == study.study_name)
+    assert restored["trials"] == {"COMPLETE": 4}
+    major = record["postgresql_version"]
+    assert report.data_dir == f"/var/lib/postgresql/{major}/main"
+    data_dir = spare.path_on_machine(report.data_dir)
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    assert (spare.path_on_machine(f"/etc/postgresql/{major}/main") / "postgresql.conf").is_file()
+    assert not spare.path_on_machine(f"/var/lib/postgresql/{STAGING_DIR}").exists()
+
+    target_url = report.server.storage_url(masked=False)
+    worker = run_worker(target_url, study.study_name, tmp_path)
+    assert worker.returncode == 0, worker.stdout + worker.stderr
+    continued = optuna.load_study(study_name=study.study_name, storage=target_url)
+    assert len(continued.get_trials(states=(TrialState.COMPLETE,))) == 6

@@ -13,6 +13,10 @@ Layout of the backup directory:
                        (configuration outside the data directory, when there is any),
                        studies.json, record.json and SHA256SUMS over all of them
     .partial-<stamp>/  a backup being taken or verified; never listed as good
+    .partial-<stamp>.lock
+                       held with flock(2) by the backup that writes .partial-<stamp>/ and
+                       by its child processes; `create` removes the .partial directories
+                       whose lock no process holds, which a killed backup leaves behind
     records/<stamp>.json
                        one record per attempt, good or failed; `list` and `prune` read
                        these, so a failed night shows up even though it left no directory
@@ -25,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -39,6 +44,7 @@ from pathlib import Path
 
 RECORDS_DIR = "records"
 PARTIAL_PREFIX = ".partial-"
+LOCK_SUFFIX = ".lock"
 SCRATCH_PREFIX = ".scratch-"
 CHECKSUMS_FILE = "SHA256SUMS"
 RECORD_FILE = "record.json"
@@ -72,6 +78,11 @@ FROM (
 """
 
 
+# The superuser that initdb created, named after the account that ran it. It has OID 10
+# (BOOTSTRAP_SUPERUSERID in PostgreSQL's pg_authid.h).
+BOOTSTRAP_ROLE_SQL = "SELECT rolname FROM pg_roles WHERE oid = 10"
+
+
 class BackupError(Exception):
     def __init__(self, message: str, hint: str | None = None) -> None:
         super().__init__(message)
@@ -94,9 +105,16 @@ def tool(bin_dir: str | None, name: str) -> str:
     return found
 
 
+# Descriptors of the partial backup locks that this process holds. Child processes get
+# them too, so that a pg_basebackup that outlives a killed script keeps its partial
+# directory locked until it exits.
+held_locks: list[int] = []
+
+
 def run(argv: list[str], *, step: str, env: dict[str, str] | None = None) -> str:
     # The caller's directory may be one the server's account cannot enter.
-    completed = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, cwd="/")
+    completed = subprocess.run(argv, capture_output=True, text=True, env=env, check=False, cwd="/",
+                               pass_fds=tuple(held_locks))
     if completed.returncode != 0:
         tail = (completed.stderr or completed.stdout).strip()[-1500:]
         raise BackupError(f"{step} failed (exit {completed.returncode}): {tail}")
@@ -241,10 +259,92 @@ def choose_compression(requested: str, version_num: int) -> str:
 def new_stamp(backup_dir: Path, now: datetime.datetime) -> str:
     stamp = now.strftime(STAMP_FORMAT)
     candidate, counter = stamp, 1
-    while (backup_dir / candidate).exists() or (backup_dir / RECORDS_DIR / f"{candidate}.json").exists():
+    while any(path.exists() for path in (backup_dir / candidate, backup_dir / RECORDS_DIR / f"{candidate}.json",
+                                          partial_lock_path(backup_dir, candidate))):
         counter += 1
         candidate = f"{stamp}-{counter}"
     return candidate
+
+
+def partial_lock_path(backup_dir: Path, name: str) -> Path:
+    return backup_dir / f"{PARTIAL_PREFIX}{name}{LOCK_SUFFIX}"
+
+
+def lock_partial(backup_dir: Path, name: str) -> int:
+    """Create and lock the lock file of .partial-<name>, which must exist before that directory does.
+
+    O_EXCL makes the lock file this process's own, and it is locked before the directory
+    exists, so a directory whose lock file is missing or unlocked has no live writer.
+    """
+    descriptor = os.open(partial_lock_path(backup_dir, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.write(descriptor, f"{os.getpid()}\n".encode())
+    os.set_inheritable(descriptor, True)
+    held_locks.append(descriptor)
+    return descriptor
+
+
+def unlock_partial(backup_dir: Path, name: str, descriptor: int) -> None:
+    # The lock file goes while still locked, so no other backup can lock it and find the
+    # directory (renamed or removed by now) stale.
+    partial_lock_path(backup_dir, name).unlink(missing_ok=True)
+    held_locks.remove(descriptor)
+    os.close(descriptor)
+
+
+def remove_stale_partials(backup_dir: Path) -> list[str]:
+    """Remove the .partial directories that no running backup writes, and record each as failed."""
+    removed = []
+    for directory in sorted(backup_dir.glob(f"{PARTIAL_PREFIX}*")):
+        if directory.is_symlink() or not directory.is_dir():
+            continue
+        name = directory.name[len(PARTIAL_PREFIX):]
+        try:
+            descriptor = os.open(partial_lock_path(backup_dir, name), os.O_RDWR)
+        except FileNotFoundError:
+            descriptor = None
+        try:
+            if descriptor is not None:
+                try:
+                    fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue
+            # A backup that finished meanwhile renamed its directory and wrote its record.
+            if not directory.is_dir():
+                continue
+            try:
+                last_written = directory.stat().st_mtime
+                shutil.rmtree(directory)
+                partial_lock_path(backup_dir, name).unlink(missing_ok=True)
+            except OSError as exc:
+                raise BackupError(f"removing {directory}, left by a backup that did not finish, failed: "
+                                  f"{describe_failure(exc)}", "remove it by hand, then run the backup again") from None
+        finally:
+            if descriptor is not None:
+                os.close(descriptor)
+        record_interrupted(backup_dir, name, last_written)
+        removed.append(name)
+    return removed
+
+
+def record_interrupted(backup_dir: Path, name: str, last_written: float) -> None:
+    """Write a failed record for a backup whose process ended before it wrote any record.
+
+    Its start time comes from its name, or from `last_written` (a POSIX time) when the
+    name is not a stamp, because list and prune order records by that time.
+    """
+    path = records_dir(backup_dir) / f"{name}.json"
+    if path.exists():
+        return
+    try:
+        started = datetime.datetime.strptime(name[:len("YYYYmmddTHHMMSSZ")], STAMP_FORMAT)
+        started = started.replace(tzinfo=datetime.timezone.utc)
+    except ValueError:
+        started = datetime.datetime.fromtimestamp(last_written, datetime.timezone.utc)
+    started_at = started.isoformat()
+    write_json(path, {"name": name, "started_at": started_at, "status": "failed",
+                      "error": "interrupted: the backup process ended before it finished, and the next "
+                               "backup removed its partial directory"})
 
 
 def take_base_backup(args: argparse.Namespace, target: Path, compression: str) -> None:
@@ -286,15 +386,32 @@ def command_create(args: argparse.Namespace) -> dict:
     backup_dir = Path(args.backup_dir)
     if not backup_dir.is_dir():
         raise BackupError(f"backup directory {backup_dir} not found", "create it, owned by the server's account")
+    removed = remove_stale_partials(backup_dir)
     started = datetime.datetime.now(datetime.timezone.utc)
     name = new_stamp(backup_dir, started)
     partial = backup_dir / f"{PARTIAL_PREFIX}{name}"
+    try:
+        lock = lock_partial(backup_dir, name)
+    except OSError as exc:
+        raise BackupError(f"creating the lock file of backup {name} failed: {describe_failure(exc)}",
+                          "check the free space and the permissions of the backup directory") from None
+    try:
+        record = take_and_record(args, backup_dir, name, partial, started)
+    finally:
+        unlock_partial(backup_dir, name, lock)
+    # Reported to the caller, not stored in the record.
+    return {**record, "removed_partials": removed}
+
+
+def take_and_record(args: argparse.Namespace, backup_dir: Path, name: str, partial: Path,
+                    started: datetime.datetime) -> dict:
     record = {"name": name, "started_at": started.isoformat(), "status": "running", "host": socket.gethostname()}
     clock = time.monotonic()
     try:
         version_num = server_version_num(args.bin_dir, args.database)
         compression = choose_compression(args.compression, version_num)
         record.update(postgresql_version=version_num // 10000, server_version_num=version_num, compression=compression)
+        record["bootstrap_role"] = psql(args.bin_dir, args.database, BOOTSTRAP_ROLE_SQL)
 
         # Taken before the base backup starts, so that every trial it counts is in the backup.
         studies = study_manifest(args.bin_dir, args.database)
@@ -302,7 +419,9 @@ def command_create(args: argparse.Namespace) -> dict:
         take_base_backup(args, partial, compression)
         write_json(partial / STUDIES_FILE, studies)
         archive_config(args.config_dir, partial)
-        verify_contents(args, partial, write_data_checksums=version_num < 130000)
+        # The scratch copy lies inside the partial directory, so that the leftovers of a
+        # killed backup are one directory, which the next backup removes.
+        verify_contents(args, partial, write_data_checksums=version_num < 130000, scratch_parent=partial)
 
         record.update(
             status="good",
@@ -373,14 +492,15 @@ def unpack_backup(directory: Path, data_dir: Path) -> None:
     data_dir.chmod(0o700)
 
 
-def verify_contents(args: argparse.Namespace, directory: Path, *, write_data_checksums: bool = False) -> None:
+def verify_contents(args: argparse.Namespace, directory: Path, *, write_data_checksums: bool = False,
+                    scratch_parent: Path | None = None) -> None:
     """Unpack the backup into a scratch directory and check every file of the data directory.
 
     pg_verifybackup before PostgreSQL 18 reads only plain-format backups, so the tar
     files are unpacked first. The same unpacking is what a restore does, so a backup
     that passes here has been proven to unpack.
     """
-    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=directory.parent) as scratch:
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=scratch_parent or directory.parent) as scratch:
         data_dir = Path(scratch) / "data"
         unpack_backup(directory, data_dir)
         manifest = directory / "backup_manifest"
@@ -541,8 +661,65 @@ def command_unpack(args: argparse.Namespace) -> dict:
         extract_tar(directory / CONFIG_TAR, Path(args.config_dir))
         restored_config = True
     record = json.loads((directory / RECORD_FILE).read_text())
+    created_role = False
+    if args.owner_role:
+        bootstrap_role = record.get("bootstrap_role") or args.bootstrap_role
+        if not bootstrap_role:
+            raise BackupError(f"backup {args.name} does not record its bootstrap superuser",
+                              "pass --bootstrap-role, the account that ran the backed-up server")
+        created_role = create_owner_role(args, data_dir, args.owner_role, bootstrap_role)
     return {"name": args.name, "data_dir": str(data_dir), "config_restored": restored_config,
-            "postgresql_version": record.get("postgresql_version")}
+            "owner_role_created": created_role, "postgresql_version": record.get("postgresql_version")}
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+def create_owner_role(args: argparse.Namespace, data_dir: Path, role: str, bootstrap_role: str) -> bool:
+    """Give the restoring account a superuser role of its own name in the restored cluster.
+
+    The server's tools log in over the socket with peer authentication, which needs a
+    role named after the account that runs the server. A cluster restored under another
+    account has only the old account's roles. So this starts it once, with no TCP
+    listener and trust only on a socket in a 0700 directory, and creates the role as the
+    bootstrap superuser. Returns False when no role was needed.
+    """
+    if role == bootstrap_role:
+        return False
+    with tempfile.TemporaryDirectory(prefix=SCRATCH_PREFIX, dir=data_dir.parent) as scratch:
+        socket_dir = Path(scratch)
+        hba_file = socket_dir / "pg_hba.conf"
+        hba_file.write_text("local all all trust\n")
+        port = free_port()
+        env = {**os.environ, "PGHOST": str(socket_dir), "PGPORT": str(port), "PGUSER": bootstrap_role}
+        options = (
+            f"-c port={port} -c listen_addresses='' -c unix_socket_directories='{socket_dir}' "
+            f"-c hba_file='{hba_file}' -c archive_mode=off"
+        )
+        pg_ctl = tool(args.server_bin_dir or args.bin_dir, "pg_ctl")
+        log_file = socket_dir / "server.log"
+        started = subprocess.run(
+            [pg_ctl, "start", "--wait", "--timeout=120", "--pgdata", str(data_dir), "--log", str(log_file),
+             "-o", options], capture_output=True, text=True, env=env, check=False, cwd="/",
+        )
+        try:
+            if started.returncode != 0:
+                tail = log_file.read_text(errors="replace")[-1500:] if log_file.exists() else started.stderr
+                raise BackupError(f"the restored server in {data_dir} did not start: {tail.strip()}")
+            wait_for_recovery_end(args.bin_dir, "postgres", env, data_dir.name)
+            exists = psql(args.bin_dir, "postgres", f"SELECT count(*) FROM pg_roles WHERE rolname = {quote_literal(role)}",
+                          env=env)
+            if exists == "0":
+                psql(args.bin_dir, "postgres", f"CREATE ROLE {quote_identifier(role)} SUPERUSER LOGIN", env=env)
+        finally:
+            subprocess.run([pg_ctl, "stop", "--wait", "--mode=fast", "--pgdata", str(data_dir)],
+                           capture_output=True, env=env, check=False, cwd="/")
+    return exists == "0"
 
 
 # --- list and prune ---
@@ -659,6 +836,11 @@ def build_parser() -> argparse.ArgumentParser:
     unpack.add_argument("name")
     unpack.add_argument("--data-dir", required=True, help="Data directory to create; it must be absent or empty.")
     unpack.add_argument("--config-dir", default=None, help="Where the backup's config.tar goes, if it has one.")
+    unpack.add_argument("--owner-role", default=None,
+                        help="Superuser role to create for the account that will run the restored server, "
+                             "when it is not the backup's bootstrap superuser. Default: create none.")
+    unpack.add_argument("--bootstrap-role", default=None,
+                        help="Bootstrap superuser of the backed-up cluster, for backups whose record lacks it.")
     unpack.set_defaults(handler=command_unpack)
 
     studies = commands.add_parser("studies", help="Print the study manifest of the running server.")
