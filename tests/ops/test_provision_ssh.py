@@ -238,7 +238,7 @@ def test_hba_has_no_trust_and_peer_only_for_owner(first_run, db_host, namespaces
 @pytest.mark.slow
 def test_tuning_follows_inventory_and_memory(first_run):
     memtotal_mb = _memtotal_mb()
-    assert int(query(first_run.server, "SHOW max_connections")) == EXPECTED_WORKERS * 4 + 10 + 3
+    assert int(query(first_run.server, "SHOW max_connections")) == EXPECTED_WORKERS * 3 + 10 + 3
     expected_shared_buffers = max(128, min(8192, memtotal_mb // 4))
     assert query(first_run.server, "SELECT setting::bigint * 8 / 1024 FROM pg_settings WHERE name = 'shared_buffers'") \
         == expected_shared_buffers
