@@ -16,17 +16,16 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from ops import backups, output, storage_config, studies, transfer
+from ops.cli_options import inventory_option
 from ops.errors import TunefleetError
+from ops.inventory import require_inventory_file
 from trainer.storage import mask_url, normalize_url
 
 
 def _site_options(function: Callable) -> Callable:
     """Add the options that locate the db host and its backup directory."""
     options = [
-        click.option("-i", "--inventory", type=click.Path(dir_okay=False, path_type=Path),
-                     envvar="TUNEFLEET_INVENTORY", default=Path("inventory/hosts.yml"), show_default=True,
-                     help="Ansible inventory whose db group contains the database server. "
-                          "Also read from $TUNEFLEET_INVENTORY."),
+        inventory_option("whose db group contains the database server"),
         click.option("--no-sudo", is_flag=True,
                      help="The server was provisioned with --no-sudo (user space, under postgresql_prefix)."),
         click.option("--backup-dir", default=None,
@@ -44,9 +43,7 @@ _format_option = click.option("--format", "fmt", type=click.Choice(output.FORMAT
 
 @contextlib.contextmanager
 def _backup_host(inventory: Path, no_sudo: bool, backup_dir: str | None) -> Iterator[backups.BackupHost]:
-    if not inventory.is_file():
-        raise TunefleetError(f"inventory {inventory} not found",
-                             "pass -i/--inventory, or copy inventory/example.yml to inventory/hosts.yml")
+    require_inventory_file(inventory)
     host = backups.open_backup_host(inventory, no_sudo=no_sudo, backup_dir=backup_dir)
     try:
         yield host

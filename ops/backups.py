@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from ops import inventory as inventory_module
 from ops.errors import TunefleetError
 from ops.paths import playbook_dir
 
@@ -209,7 +210,7 @@ def open_backup_host(inventory: Path, *, no_sudo: bool, backup_dir: str | None =
     from ops.fleet.connection import HostConnection, Timeouts
     from ops.inventory import host_from_variables
 
-    name, variables = provision._database_host(inventory, provision.load_inventory(inventory))
+    name, variables = provision._database_host(inventory, inventory_module.load_inventory(inventory))
     if variables.get("ansible_connection") == "local":
         runner: CommandRunner = run_locally
         login = pwd.getpwuid(os.geteuid()).pw_name

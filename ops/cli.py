@@ -17,7 +17,9 @@ from typing import Any, Callable
 import click
 
 from ops import __version__, backup_cli, fleet_cli, output, storage_config, studies
+from ops.cli_options import inventory_option
 from ops.errors import TunefleetError
+from ops.inventory import require_inventory_file
 
 log = logging.getLogger("tunefleet")
 
@@ -173,14 +175,7 @@ def _format_from_suffix(path: Path | None) -> str:
     raise click.UsageError(f"cannot tell the format of {path} from its suffix; use .json, .yaml or --format")
 
 
-_inventory_option = click.option(
-    "-i", "--inventory",
-    type=click.Path(dir_okay=False, path_type=Path),
-    envvar="TUNEFLEET_INVENTORY",
-    default=Path("inventory/hosts.yml"),
-    show_default=True,
-    help="Ansible inventory describing the fleet (groups db and gpu). Also read from $TUNEFLEET_INVENTORY.",
-)
+_inventory_option = inventory_option("describing the fleet (groups db and gpu)")
 
 
 @cli.command()
@@ -197,9 +192,7 @@ def provision(inventory: Path, no_sudo: bool, limit: str | None, check: bool) ->
     """
     from ops import progress, provision as provisioning, secrets
 
-    if not inventory.is_file():
-        raise TunefleetError(f"inventory {inventory} not found",
-                             "pass -i/--inventory, or copy inventory/example.yml to inventory/hosts.yml")
+    require_inventory_file(inventory)
     console = progress.Console(stderr=True, soft_wrap=True)
     mode = "user space (no sudo)" if no_sudo else "system packages (sudo)"
     console.print(f"provisioning the db host of {inventory}: {mode}{', check mode' if check else ''}")

@@ -15,6 +15,7 @@ import click
 from rich.console import Console
 
 from ops import fleet, output, storage_config, studies
+from ops.cli_options import inventory_option
 from ops.errors import TunefleetError
 from ops.fleet import trials as fleet_trials
 from ops.fleet.connection import DEFAULT_COMMAND_TIMEOUT_S, DEFAULT_CONNECT_TIMEOUT_S, HostError, Timeouts
@@ -27,10 +28,7 @@ from ops.inventory import FleetHost, load_gpu_hosts
 def _host_options(function: Callable) -> Callable:
     """Add the options every fleet command shares: inventory, host selection, timeouts."""
     options = [
-        click.option("-i", "--inventory", type=click.Path(dir_okay=False, path_type=Path),
-                     envvar="TUNEFLEET_INVENTORY", default=Path("inventory/hosts.yml"), show_default=True,
-                     help="Ansible inventory whose gpu group lists the worker hosts. Also read from "
-                          "$TUNEFLEET_INVENTORY."),
+        inventory_option("whose gpu group lists the worker hosts"),
         click.option("--limit", default=None, help="Comma-separated names of gpu hosts to act on (default: all)."),
         click.option("--connect-timeout", type=click.FloatRange(min=1), default=DEFAULT_CONNECT_TIMEOUT_S,
                      show_default=True, help="Seconds to wait for an SSH connection to a host."),

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from ops.errors import TunefleetError
 
 GPU_GROUP = "gpu"
@@ -58,10 +60,8 @@ def load_gpu_hosts(inventory: Path, *, group: str = GPU_GROUP, limit: str | None
     Raises TunefleetError when the inventory, the group or a name in `limit` is missing.
     """
     inventory = Path(inventory)
-    if not inventory.is_file():
-        raise TunefleetError(f"inventory {inventory} not found",
-                             "pass -i/--inventory, or copy inventory/example.yml to inventory/hosts.yml")
-    manager, variable_manager = _parse(inventory)
+    data = load_inventory(inventory)
+    manager, variable_manager = data.manager, data.variables
     if group not in manager.groups:
         raise TunefleetError(f"inventory {inventory} has no group {group!r}",
                              f"add a {group} group that lists the worker hosts")
@@ -73,18 +73,54 @@ def load_gpu_hosts(inventory: Path, *, group: str = GPU_GROUP, limit: str | None
     return [host_from_variables(host.name, variable_manager.get_vars(host=host)) for host in members]
 
 
-def _parse(inventory: Path) -> tuple[Any, Any]:
+@dataclass
+class InventoryData:
+    """An inventory as Ansible's own parser reads it, so group_vars and host_vars mean what they mean to Ansible."""
+
+    manager: Any
+    variables: Any
+
+
+def require_inventory_file(inventory: Path) -> None:
+    """Raise a one-line error when `inventory` is not a file."""
+    if not Path(inventory).is_file():
+        raise TunefleetError(f"inventory {inventory} not found",
+                             "pass -i/--inventory, or copy inventory/example.yml to inventory/hosts.yml")
+
+
+def load_inventory(inventory: Path) -> InventoryData:
+    """Parse `inventory` with Ansible's own parser, or raise a one-line error."""
     from ansible.errors import AnsibleError
     from ansible.inventory.manager import InventoryManager
     from ansible.parsing.dataloader import DataLoader
     from ansible.vars.manager import VariableManager
 
+    _check_inventory_syntax(inventory)
     loader = DataLoader()
     try:
         manager = InventoryManager(loader=loader, sources=[str(inventory)])
     except AnsibleError as error:
         raise TunefleetError(f"cannot parse inventory {inventory}: {error}") from None
-    return manager, VariableManager(loader=loader, inventory=manager)
+    return InventoryData(manager, VariableManager(loader=loader, inventory=manager))
+
+
+def _check_inventory_syntax(inventory: Path) -> None:
+    """Reject a missing or malformed YAML inventory with the parser's own position.
+
+    Ansible only warns about a source it cannot parse and goes on with an empty
+    inventory, which would surface later as a misleading "no db group".
+    """
+    require_inventory_file(inventory)
+    if Path(inventory).suffix not in (".yml", ".yaml"):
+        return
+    try:
+        yaml.safe_load(Path(inventory).read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or "invalid YAML"
+        raise TunefleetError(f"inventory {inventory} is not valid YAML{where}: {problem}",
+                             "fix the file and run the command again") from None
 
 
 def _apply_limit(inventory: Path, group: str, members: list[Any], limit: str | None) -> list[Any]:

@@ -17,9 +17,9 @@ from typing import Any
 from urllib.parse import quote
 
 import ansible_runner
-import yaml
 
 from ops.errors import TunefleetError
+from ops.inventory import InventoryData, load_inventory
 from ops.paths import playbook_dir, secrets_dir, state_dir
 from ops.secrets import ensure_password, read_secret_file
 
@@ -333,45 +333,6 @@ def _port(value: Any) -> int:
 def _is_local(host_name: str, variables: dict[str, Any]) -> bool:
     address = str(variables.get("ansible_host", host_name))
     return variables.get("ansible_connection") == "local" or address in ("localhost", "127.0.0.1", "::1")
-
-
-@dataclass
-class InventoryData:
-    """An inventory as Ansible's own parser reads it, so group_vars and host_vars mean what they mean to Ansible."""
-
-    manager: Any
-    variables: Any
-
-
-def load_inventory(inventory: Path) -> InventoryData:
-    from ansible.inventory.manager import InventoryManager
-    from ansible.parsing.dataloader import DataLoader
-    from ansible.vars.manager import VariableManager
-
-    _check_inventory_syntax(inventory)
-    loader = DataLoader()
-    manager = InventoryManager(loader=loader, sources=[str(inventory)])
-    return InventoryData(manager, VariableManager(loader=loader, inventory=manager))
-
-
-def _check_inventory_syntax(inventory: Path) -> None:
-    """Reject a missing or malformed YAML inventory with the parser's own position.
-
-    Ansible only warns about a source it cannot parse and goes on with an empty
-    inventory, which would surface later as a misleading "no db group".
-    """
-    if not Path(inventory).is_file():
-        raise TunefleetError(f"inventory {inventory} not found", "pass the path of an existing inventory file")
-    if Path(inventory).suffix not in (".yml", ".yaml"):
-        return
-    try:
-        yaml.safe_load(Path(inventory).read_text())
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "invalid YAML"
-        raise TunefleetError(f"inventory {inventory} is not valid YAML{where}: {problem}",
-                             "fix the file and run the command again") from None
 
 
 def _database_host(inventory: Path, data: InventoryData) -> tuple[str, dict[str, Any]]:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ops import backups, provision
+from ops import inventory as inventory_module
 from ops.backup_copy import copy_backup
 from ops.backups import BackupHost
 from ops.errors import TunefleetError
@@ -119,7 +120,7 @@ def _target_backup_host(inventory: Path, target: str, *, no_sudo: bool, major: i
     from ops.fleet.connection import HostConnection, Timeouts
     from ops.inventory import host_from_variables
 
-    data = provision.load_inventory(inventory)
+    data = inventory_module.load_inventory(inventory)
     host = data.manager.get_host(target)
     if host is None:
         raise TunefleetError(f"host {target} not found in inventory {inventory}",
@@ -154,7 +155,7 @@ def _target_site(target: str, variables: dict[str, Any], no_sudo: bool, login: s
 
 
 def _check_target(target_host: BackupHost, inventory: Path, target: str, major: int, layout: _Layout) -> None:
-    variables = provision.load_inventory(inventory)
+    variables = inventory_module.load_inventory(inventory)
     configured_major = str(
         variables.variables.get_vars(host=variables.manager.get_host(target)).get("postgresql_version") or "")
     if configured_major and configured_major != str(major):
@@ -189,7 +190,7 @@ def _as_root(host: BackupHost, script: str) -> str:
 
 def target_server(inventory: Path, target: str) -> provision.DatabaseServer:
     """Describe the restored server on `target` as Optuna workers reach it."""
-    data = provision.load_inventory(inventory)
+    data = inventory_module.load_inventory(inventory)
     variables = data.variables.get_vars(host=data.manager.get_host(target))
     described = provision._describe_server(target, variables, Path())
     password_file = provision.password_file_for(described.host, described.role)
