@@ -1,4 +1,4 @@
-"""``python -m bench storage|data|provision|all``: run benchmark parts and rewrite docs/benchmarks.md.
+"""``python -m bench storage|fanout|backup|data|provision|all``: run benchmark parts and rewrite docs/benchmarks.md.
 
 Each part stores its raw figures in bench/results.json under its own key, so running
 one part keeps the last figures of the others, and the page is rendered from the file.
@@ -21,7 +21,7 @@ from bench.common import machine_facts, use_private_state_dir
 from bench.report import render
 from ops.paths import project_root
 
-PARTS = ("storage", "data", "provision")
+PARTS = ("storage", "fanout", "backup", "data", "provision")
 RESULTS_FILE = Path(__file__).resolve().parent / "results.json"
 REPORT_FILE = project_root() / "docs" / "benchmarks.md"
 

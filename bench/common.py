@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import pwd
 import shutil
 import socket
 import statistics
@@ -48,13 +49,39 @@ class BenchServer:
         """Return the unmasked storage URL; callers pass it only through environments and files."""
         return self.server.storage_url(masked=False)
 
+    @property
+    def data_dir(self) -> Path:
+        return self.prefix / "data"
+
+    @property
+    def account(self) -> str:
+        """The account that runs the server: SERVER_ACCOUNT under root, else the current user."""
+        return SERVER_ACCOUNT if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
+
+    def run_as_account(self, script: str, *, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run shell `script` as the server's account, with env.sh sourced; the result is unchecked."""
+        script = f". '{self.prefix}/env.sh' && {script}"
+        argv = ["sh", "-c", script]
+        if os.geteuid() == 0:
+            argv = ["su", self.account, "-s", "/bin/sh", "-c", script]
+        return subprocess.run(argv, check=False, capture_output=True, text=True, timeout=timeout)
+
+    def shut_down(self) -> None:
+        """Stop the server with a shutdown checkpoint, so that its data directory is consistent."""
+        completed = self.run_as_account("pg_ctl stop --mode=fast --wait")
+        if completed.returncode != 0:
+            raise RuntimeError(f"pg_ctl stop failed: {(completed.stdout + completed.stderr).strip()[-500:]}")
+
+    def start(self) -> None:
+        """Start the server again, with its settings from the data directory, as the role's start script does."""
+        completed = self.run_as_account(f"pg_ctl start --wait --timeout=60 --log='{self.prefix}/log/postgresql.log'")
+        if completed.returncode != 0:
+            raise RuntimeError(f"starting the server failed: {(completed.stdout + completed.stderr).strip()[-500:]}")
+
     def stop(self) -> None:
-        if (self.prefix / "data" / "PG_VERSION").exists():
-            script = f". '{self.prefix}/env.sh' && pg_ctl stop --mode=fast --wait"
-            argv = ["sh", "-c", script]
-            if os.geteuid() == 0:
-                argv = ["su", SERVER_ACCOUNT, "-s", "/bin/sh", "-c", script]
-            subprocess.run(argv, check=False, capture_output=True, timeout=120)
+        """Stop the server, if it has a data directory, and remove everything under base_dir."""
+        if (self.data_dir / "PG_VERSION").exists():
+            self.run_as_account("pg_ctl stop --mode=fast --wait")
         shutil.rmtree(self.base_dir, ignore_errors=True)
 
 

@@ -22,28 +22,35 @@ def verdict(met: bool) -> str:
 
 
 class Goals:
-    """Goal results collected while the tables are written, for the closing note."""
+    """Goal results collected while the tables are written, for the closing note.
+
+    `part` names the part whose section is being written, and each check is filed under it.
+    """
 
     def __init__(self) -> None:
-        self.missed: list[str] = []
-        self.met: list[str] = []
+        self.part = ""
+        self.checks: list[tuple[str, str, bool]] = []
+
+    @property
+    def missed(self) -> list[str]:
+        return [description for _, description, met in self.checks if not met]
+
+    def missed_in(self, part: str) -> bool:
+        return any(not met and checked_part == part for checked_part, _, met in self.checks)
 
     def check(self, met: bool, description: str) -> str:
-        (self.met if met else self.missed).append(description)
+        self.checks.append((self.part, description, met))
         return verdict(met)
 
 
 def render(results: dict[str, Any]) -> str:
     goals = Goals()
-    sections = [
-        _header(results),
-        _storage(results.get("storage"), goals),
-        _fanout(),
-        _backup(),
-        _data(results.get("data"), goals),
-        _provision(results.get("provision"), goals),
-        _closing_note(results, goals),
-    ]
+    sections = [_header(results)]
+    renderers = {"storage": _storage, "fanout": _fanout, "backup": _backup, "data": _data, "provision": _provision}
+    for part in PARTS:
+        goals.part = part
+        sections.append(renderers[part](results.get(part), goals))
+    sections.append(_closing_note(results, goals))
     return "\n".join(sections).rstrip() + "\n"
 
 
@@ -86,13 +93,14 @@ def _header(results: dict[str, Any]) -> str:
         "",
         "```",
         "make bench                                   # every part, then this page",
-        ".venv/bin/python -m bench storage            # one part: storage, data, provision or all",
+        ".venv/bin/python -m bench fanout             # one part: storage, fanout, backup, data or provision",
         ".venv/bin/python -m bench all --repetitions 5",
         "```",
         "",
-        "The provisioning part needs root, and it downloads PostgreSQL's Debian packages from",
-        "the mirror that this machine's apt uses. Raw figures of the last run of each part are",
-        "kept in `bench/results.json`, and a single part rewrites only its own section.",
+        "The provisioning and fan-out parts need root, because they create accounts and start",
+        "sshd, and provisioning downloads PostgreSQL's Debian packages from the mirror that this",
+        "machine's apt uses. Raw figures of the last run of each part are kept in",
+        "`bench/results.json`, and a single part rewrites only its own section.",
         "",
     ]
     return "\n".join(lines)
@@ -236,29 +244,178 @@ def _overhead_table(storage: dict[str, Any], goals: Goals) -> list[str]:
     return lines
 
 
-def _fanout() -> str:
-    return "\n".join([
-        "## 2. Fan-out",
-        "",
-        "Not measured yet: needs `tunefleet workers deploy` and `workers start` (ops/fleet), which",
-        "are still being written. The plan: `workers deploy` and `workers start` on 1, 4 and 8",
-        "loopback sshd hosts, and a second deploy with unchanged code. Goals: 8 hosts take",
-        "under 2× the time of one, and an unchanged redeploy takes under 10% of the first.",
-        "",
-    ])
+# Invoke 2.2 forwards a stdin that is not a terminal one byte per read, with a 10 ms sleep
+# between reads (invoke.terminals.bytes_to_read, Runner.input_sleep).
+STDIN_SECONDS_PER_BYTE = 0.01
+FANOUT_STEPS = {
+    "deploy": "`workers deploy`, first",
+    "redeploy": "`workers deploy`, unchanged payload",
+    "start": "`workers start`",
+    "stop": "`workers stop`",
+}
 
 
-def _backup() -> str:
-    return "\n".join([
-        "## 3. Backup and restore",
+def _fanout(fanout: dict[str, Any] | None, goals: Goals) -> str:
+    title = "2. Fan-out"
+    if not fanout:
+        return _not_run(title, "fanout")
+    seconds, counts = fanout["seconds"], fanout["host_counts"]
+    smallest, others = counts[0], counts[1:]
+    lines = [
+        f"## {title}",
         "",
-        "Not measured yet: needs `tunefleet backup create` and `restore` (ops/backups), which are",
-        "still being written. The plan: a database holding studies with 100,000 trials in all;",
-        "`backup create` against a plain `tar` of the stopped data directory, `restore` against",
-        "untarring it, and the backup's size against the raw directory. Goals: at least 0.7×",
-        "the `tar` throughput, and less than half the raw size.",
+        f"`tunefleet workers deploy`, `workers start` and `workers stop` on {', '.join(map(str, counts))} "
+        "loopback hosts: real sshd servers on addresses in 127.0.0.0/8, each with its own account and an "
+        "nvidia-smi stand-in that lists one GPU, made by the test suite's `tests/support/sshd_hosts.py`. "
+        "The commands run through the real command line in the benchmark's process, so Python's start-up "
+        "is not timed. A first deploy goes to hosts whose base directory was emptied; the hosts' python "
+        "reaches the project's packages through a .pth file, so pip finds every requirement installed. "
+        "The workers run `bench/idle_objective.py`, whose trials only sleep, and are stopped after each "
+        "start. Every host runs on this machine and shares its "
+        f"{fanout['cores']} cores.",
         "",
-    ])
+        "| command | " + " | ".join(f"{count} host{'s' if count > 1 else ''} (s)" for count in counts)
+        + " | " + " | ".join(f"{count} hosts / {smallest}" for count in others) + " | goal |",
+        "|---|" + "---|" * (len(counts) + len(others) + 1),
+    ]
+    for step, label in FANOUT_STEPS.items():
+        ratios = [paired_median(seconds[f"{step}-{count}"], seconds[f"{step}-{smallest}"]) for count in others]
+        goal = ""
+        if step in ("deploy", "start"):
+            description = (f"fan-out, {label}: {others[-1]} hosts take {ratios[-1]:.2f}× the time of "
+                           f"{smallest} (goal < 2×)")
+            goal = f"< 2× at {others[-1]} hosts: {goals.check(ratios[-1] < 2, description)}"
+        lines.append(f"| {label} | " + " | ".join(f"{median(seconds[f'{step}-{count}']):.1f}" for count in counts)
+                     + " | " + " | ".join(f"{ratio:.2f}×" for ratio in ratios) + f" | {goal} |")
+    lines += ["", *_redeploy_table(seconds, counts, goals), "", *_fanout_cpu_table(fanout), "",
+              *_agent_call_table(fanout), ""]
+    return "\n".join(lines)
+
+
+def _redeploy_table(seconds: dict[str, list[float]], counts: list[int], goals: Goals) -> list[str]:
+    lines = [
+        "| hosts | first deploy (s) | unchanged redeploy (s) | redeploy / first | goal |",
+        "|---|---|---|---|---|",
+    ]
+    for count in counts:
+        share = paired_median(seconds[f"redeploy-{count}"], seconds[f"deploy-{count}"])
+        description = f"unchanged redeploy, {count} host(s): {share:.0%} of the first deploy (goal < 10%)"
+        lines.append(f"| {count} | {median(seconds[f'deploy-{count}']):.1f} "
+                     f"| {median(seconds[f'redeploy-{count}']):.1f} | {share:.0%} "
+                     f"| < 10%: {goals.check(share < 0.10, description)} |")
+    return lines
+
+
+def _fanout_cpu_table(fanout: dict[str, Any]) -> list[str]:
+    lines = [
+        "CPU spent while each command ran. *Hosts* is the CPU time of the host accounts' processes "
+        f"(sshd sessions, the agent, pip, the workers' start-up), sampled from `/proc` every "
+        "0.05 s, so it is a lower bound. *Operator* is the benchmark process's own CPU time, the "
+        "sampling thread included. *Machine* is the busy time of all cores from `/proc/stat`, "
+        "other work on the machine included. Every host runs on this machine, so no command can "
+        "finish sooner than (hosts + operator) / cores.",
+        "",
+        "| command | hosts | wall (s) | hosts CPU (s) | operator CPU (s) | machine CPU (core-s) "
+        "| (hosts + operator) / cores (s) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for step in ("deploy", "redeploy", "start"):
+        for count in fanout["host_counts"]:
+            key = f"{step}-{count}"
+            hosts, operator, busy = (median([usage[field] for usage in fanout["cpu"][key]])
+                                     for field in ("hosts_s", "operator_s", "machine_busy_s"))
+            lines.append(f"| {FANOUT_STEPS[step]} | {count} | {median(fanout['seconds'][key]):.1f} | {hosts:.1f} "
+                         f"| {operator:.1f} | {busy:.1f} | {(hosts + operator) / fanout['cores']:.1f} |")
+    return lines
+
+
+def _agent_call_table(fanout: dict[str, Any]) -> list[str]:
+    smallest, largest = fanout["host_counts"][0], fanout["host_counts"][-1]
+    lines = [
+        "Calls of the host agent (`tunefleet_agent.py`, run over SSH) inside each command, with the "
+        "size of the JSON request that each sends on stdin, and the slowest host's seconds:",
+        "",
+        f"| command | agent call | request (bytes) | {smallest} host (s) | {largest} hosts (s) |",
+        "|---|---|---|---|---|",
+    ]
+    for step, label in FANOUT_STEPS.items():
+        runs, wide_runs = fanout["agent_calls"][f"{step}-{smallest}"], fanout["agent_calls"][f"{step}-{largest}"]
+        for command in runs[0]:
+            size = max(run[command]["request_bytes"] for run in runs)
+            alone = median([run[command]["seconds"] for run in runs])
+            wide = median([run[command]["seconds"] for run in wide_runs if command in run])
+            lines.append(f"| {label} | {command} | {size:.0f} | {alone:.1f} | {wide:.1f} |")
+    return lines
+
+
+def _backup(backup: dict[str, Any] | None, goals: Goals) -> str:
+    title = "3. Backup and restore"
+    if not backup:
+        return _not_run(title, "backup")
+    runs, fill = backup["runs"], backup["fill"]
+    raw = median([run["raw_bytes"] for run in runs])
+    wal = median([run["raw_wal_bytes"] for run in runs])
+    size_share = median([ratio(run["backup_bytes"], run["raw_bytes"]) for run in runs])
+    size_description = f"backup size: {size_share:.0%} of the data directory (goal < 50%)"
+    lines = [
+        f"## {title}",
+        "",
+        f"A user-mode PostgreSQL server made by the project's playbook, containing {fill['studies']} studies with "
+        f"{fill['trials']:,} COMPLETE trials in all, each with two float parameters and one value. The "
+        f"first {fill['add_trials_trials']:,} trials went through Optuna's `study.add_trials` at "
+        f"{fill['add_trials_per_second']:.0f} trials/s, one transaction per trial. The other "
+        f"{fill['insert_trials']:,} were written by one `INSERT` per study into Optuna's tables at "
+        f"{fill['insert_per_second']:,.0f} trials/s, with random parameters so that they compress like "
+        "real trials.",
+        "",
+        "*backup create* is `ops.backups.create_backup` on the site that `tunefleet backup create --no-sudo` "
+        f"opens from an inventory ({runs[0]['compression']} compression): pg_basebackup of the running server, "
+        "then unpacking into a scratch directory, pg_verifybackup and checksums before the backup counts as "
+        "good. The limit is `tar -cf` of the data directory after a clean shutdown, then an fsync of the tar "
+        "file (`sync FILE`), because pg_basebackup fsyncs what it writes. *unpack* is the backup "
+        "script's `unpack` command, the step of `tunefleet restore` that puts the data directory in place "
+        "(checksums, decompression, extraction), against `tar -xf` of that tar file. Throughput is the data "
+        "directory's size over the time, so the ratio is the limit's time over tunefleet's. The tar file contains "
+        "the whole data directory, recycled WAL segments in pg_wal included, while a backup contains only the WAL "
+        "that its base backup needs. The order of backup and tar alternates between repetitions, and both "
+        "read from the page cache.",
+        "",
+        "| step | tunefleet (s) | tunefleet (MiB/s) | limit (s) | limit (MiB/s) | tunefleet / limit | goal |",
+        "|---|---|---|---|---|---|---|",
+        _backup_row("backup: `backup create` against `tar -cf` and fsync", runs, "backup", "tar", raw, goals),
+        _backup_row("restore: `unpack` against `tar -xf`", runs, "unpack", "untar", raw, goals),
+        "",
+        "| data directory (MiB) | of it pg_wal (MiB) | backup (MiB) | backup / data directory | goal |",
+        "|---|---|---|---|---|",
+        f"| {raw / 2**20:.0f} | {wal / 2**20:.0f} | {median([run['backup_bytes'] for run in runs]) / 2**20:.1f} "
+        f"| {size_share:.0%} | < 50%: {goals.check(size_share < 0.5, size_description)} |",
+        "",
+        f"Without the fsync, the tar took {median([run['seconds']['tar_without_fsync'] for run in runs]):.2f} s. "
+        "Two steps of `backup create`, each timed alone right after it:",
+        "",
+        "| step | seconds | share of backup create |",
+        "|---|---|---|",
+        _step_row("pg_basebackup with the same options", runs, "basebackup_alone"),
+        _step_row("`backup verify` (checksums, unpack, pg_verifybackup)", runs, "verify_alone"),
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _backup_row(label: str, runs: list[dict[str, Any]], ours: str, limit: str, raw: float, goals: Goals) -> str:
+    ours_seconds = [run["seconds"][ours] for run in runs]
+    limit_seconds = [run["seconds"][limit] for run in runs]
+    speed = paired_median(limit_seconds, ours_seconds)
+    description = f"{label.split(':')[0]} throughput: {speed:.2f}× the limit's (goal ≥ 0.7×)"
+    return (f"| {label} | {median(ours_seconds):.2f} | {raw / 2**20 / median(ours_seconds):.0f} "
+            f"| {median(limit_seconds):.2f} | {raw / 2**20 / median(limit_seconds):.0f} | {speed:.2f}× "
+            f"| ≥ 0.7×: {goals.check(speed >= 0.7, description)} |")
+
+
+def _step_row(label: str, runs: list[dict[str, Any]], step: str) -> str:
+    step_seconds = [run["seconds"][step] for run in runs]
+    share = paired_median(step_seconds, [run["seconds"]["backup"] for run in runs])
+    return f"| {label} | {median(step_seconds):.2f} | {share:.0%} |"
 
 
 def _data(data: dict[str, Any] | None, goals: Goals) -> str:
@@ -332,21 +489,28 @@ def _slowest_tasks(slowest: dict[str, float]) -> list[str]:
 
 
 def _closing_note(results: dict[str, Any], goals: Goals) -> str:
-    lines = ["## Closing note", ""]
-    if goals.missed:
-        lines += ["Goals not met:", ""]
-        lines += [f"- {description}" for description in goals.missed]
-        lines.append("")
-    if goals.met:
-        lines += ["Goals met:", ""]
-        lines += [f"- {description}" for description in goals.met]
-        lines.append("")
-    lines += ["Not measured yet: fan-out (needs ops/fleet) and backup and restore (needs ops/backups).", ""]
+    lines = [
+        "## Closing note",
+        "",
+        "Every goal on this page:",
+        "",
+        "| part | goal and measured figure | result |",
+        "|---|---|---|",
+        *[f"| {part} | {description} | {verdict(met)} |" for part, description, met in goals.checks],
+        "",
+    ]
+    missing = [part for part in PARTS if not results.get(part)]
+    if missing:
+        lines += [f"Not measured yet: {', '.join(missing)} (`.venv/bin/python -m bench PART`).", ""]
     storage = results.get("storage")
-    if storage and storage.get("statements") and any(item.startswith(("storage", "connections")) for item in goals.missed):
+    if storage and storage.get("statements") and goals.missed_in("storage"):
         lines += _storage_limits(storage)
+    if goals.missed_in("fanout"):
+        lines += _fanout_limits(results["fanout"])
+    if goals.missed_in("backup"):
+        lines += _backup_limits(results["backup"])
     provision = results.get("provision")
-    if provision and provision.get("slowest_tasks") and any(item.startswith("provisioning") for item in goals.missed):
+    if provision and provision.get("slowest_tasks") and goals.missed_in("provision"):
         lines += _provision_limits(provision)
     return "\n".join(lines)
 
@@ -408,6 +572,120 @@ def _growth_limits(storage: dict[str, Any]) -> list[str]:
         "no profile at 10,000 trials has confirmed it yet. With TPE, the sampler's own cost "
         "dominates the growth, as the memory rows show.",
     ]
+
+
+def _fanout_limits(fanout: dict[str, Any]) -> list[str]:
+    seconds, calls, cores = fanout["seconds"], fanout["agent_calls"], fanout["cores"]
+    smallest, largest = fanout["host_counts"][0], fanout["host_counts"][-1]
+
+    def cpu(key: str, field: str) -> float:
+        return median([usage[field] for usage in fanout["cpu"][key]])
+
+    def call_seconds(key: str, command: str) -> float:
+        return median([run[command]["seconds"] for run in calls[key] if command in run])
+
+    def request_bytes(key: str, command: str) -> int:
+        return max(run[command]["request_bytes"] for run in calls[key] if command in run)
+
+    def stdin_bytes(key: str) -> int:
+        return sum(request_bytes(key, command) for command in calls[key][0])
+
+    lines = ["### What limits the fan-out figures", ""]
+    if paired_median(seconds[f"deploy-{largest}"], seconds[f"deploy-{smallest}"]) >= 2:
+        wall, alone = median(seconds[f"deploy-{largest}"]), median(seconds[f"deploy-{smallest}"])
+        hosts, operator = cpu(f"deploy-{largest}", "hosts_s"), cpu(f"deploy-{largest}", "operator_s")
+        cpu_bound = (hosts + operator) / cores
+        busy = cpu(f"deploy-{largest}", "machine_busy_s")
+        if cpu_bound >= wall / 2:
+            conclusion = "so on this machine the deploy is mostly bound by CPU."
+        else:
+            conclusion = (f"so most of the {wall:.1f} s is waiting: for the cores, which were busy for {busy:.0f} "
+                          f"of the {wall * cores:.0f} core-seconds, other work on the machine included, and for "
+                          "the agent's requests on stdin (below).")
+        lines.append(
+            f"- **The hosts share this machine's {cores} cores.** The first deploy to {largest} hosts took "
+            f"{wall:.1f} s against {alone:.1f} s for {smallest}. Meanwhile the host accounts' processes used "
+            f"{hosts:.1f} s of CPU, against {cpu(f'deploy-{smallest}', 'hosts_s'):.1f} s for {smallest} host, and "
+            f"the operator's process used {operator:.1f} s. Each host creates a virtualenv, lets pip check every "
+            "requirement and runs the preflight, which imports torch. That work alone needs at least "
+            f"{cpu_bound:.1f} s on {cores} cores, {conclusion} The deploy to {smallest} host, by contrast, sends "
+            f"{stdin_bytes(f'deploy-{smallest}')} bytes of agent requests on stdin, about "
+            f"{stdin_bytes(f'deploy-{smallest}') * STDIN_SECONDS_PER_BYTE:.1f} s at the rate below, so removing that "
+            f"wait would shorten it more than the deploy to {largest} hosts and raise this ratio. On separate "
+            "machines the hosts' work would run in parallel, which this benchmark cannot show.")
+    if paired_median(seconds[f"redeploy-{smallest}"], seconds[f"deploy-{smallest}"]) >= 0.10:
+        lines.append(
+            "- **Every deploy runs the preflight.** An unchanged redeploy uploads nothing and skips pip. But "
+            "the host agent's preflight still imports torch, logs in to the database and reads the GPUs on every "
+            f"host, and on {smallest} host it took {call_seconds(f'redeploy-{smallest}', 'preflight'):.1f} s of the "
+            f"redeploy's {median(seconds[f'redeploy-{smallest}']):.1f} s.")
+    start_bytes = request_bytes(f"start-{smallest}", "start")
+    start_share = call_seconds(f"start-{smallest}", "start") / median(seconds[f"start-{smallest}"])
+    start_met = paired_median(seconds[f"start-{largest}"], seconds[f"start-{smallest}"]) < 2
+    start_note = ", which is why `workers start` meets its fan-out goal" if start_met else ""
+    lines += [
+        "- **Agent requests travel on stdin at about 10 ms per byte.** `ops.fleet.remote.call_agent` passes "
+        "each JSON request to the agent as the remote command's stdin through Fabric. Invoke 2.2, which runs "
+        "Fabric 3.2's commands, reads a stdin that is not a terminal one byte per read and sleeps 10 ms between "
+        "reads (`invoke.terminals.bytes_to_read` returns 1, `Runner.input_sleep` is 0.01 s). At that rate the "
+        f"start request of {start_bytes} bytes takes about {start_bytes * STDIN_SECONDS_PER_BYTE:.0f} s, and the "
+        f"agent's start call took {call_seconds(f'start-{smallest}', 'start'):.1f} s on {smallest} host, "
+        f"{start_share:.0%} of `workers start`'s {median(seconds[f'start-{smallest}']):.1f} s. The wait is idle, "
+        f"so it overlaps across hosts{start_note}.",
+        "",
+        "Changes that tunefleet controls, for ops/fleet (proposals, not measured here):",
+        "",
+        "1. Pass the agent's request as a command-line argument, as ops/backups.py passes the backup script, "
+        "or write it to a file over SFTP, instead of stdin.",
+        "2. On a redeploy whose payload hash and env file are unchanged, skip the preflight's torch import and "
+        "database login, or run them only when asked.",
+        "",
+    ]
+    return lines
+
+
+def _backup_limits(backup: dict[str, Any]) -> list[str]:
+    runs = backup["runs"]
+
+    def seconds(step: str) -> float:
+        return median([run["seconds"][step] for run in runs])
+
+    lines = ["### What limits backup and restore", ""]
+    if paired_median([run["seconds"]["tar"] for run in runs], [run["seconds"]["backup"] for run in runs]) < 0.7:
+        rest = seconds("backup") - seconds("basebackup_alone") - seconds("verify_alone")
+        lines.append(
+            f"- **backup create does more than copy.** `backup create` took {seconds('backup'):.2f} s against "
+            f"{seconds('tar'):.2f} s for tar and fsync. It runs pg_basebackup, which took {seconds('basebackup_alone'):.2f} s "
+            f"alone with the same options (a fast checkpoint, streamed WAL, {runs[0]['compression']}), "
+            f"{seconds('tar') / seconds('basebackup_alone'):.2f}× the tar's throughput. Then it runs the checks of "
+            f"`backup verify`, which took {seconds('verify_alone'):.2f} s alone (unpacking into a scratch "
+            "directory, pg_verifybackup), because a backup is listed as good only once it has been verified. "
+            f"{_remainder(rest)}{_basebackup_verdict(seconds('tar') / seconds('basebackup_alone'))}"
+            "The data directory contains "
+            f"{median([run['raw_bytes'] for run in runs]) / 2**20:.0f} MiB, so fixed costs such as the checkpoint "
+            "and the processes' start-up weigh more than they would on a larger database. The tar's time leaves "
+            "out the shutdown, and with it the checkpoint, that comes before it.")
+    if paired_median([run["seconds"]["untar"] for run in runs], [run["seconds"]["unpack"] for run in runs]) < 0.7:
+        lines.append(
+            "- **unpack checks before it extracts.** The backup script's unpack reads every backup file once "
+            "for its SHA-256, then decompresses and extracts with Python's tarfile module, member by member, "
+            "where `tar -xf` only copies.")
+    lines.append("")
+    return lines
+
+
+def _remainder(seconds: float) -> str:
+    # The steps are medians of separate runs, so on a noisy machine they can add up to more than the whole.
+    if seconds <= 0:
+        return ""
+    return (f"About {seconds:.2f} s remain for the script's start-up, its psql calls for the server version "
+            "and the study manifest, compressing pg_wal.tar and the checksums. ")
+
+
+def _basebackup_verdict(speed: float) -> str:
+    if speed >= 0.7:
+        return "pg_basebackup alone meets the goal, so the verification is what misses it. "
+    return "Even pg_basebackup alone misses the goal. "
 
 
 def _provision_limits(provision: dict[str, Any]) -> list[str]:
