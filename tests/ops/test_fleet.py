@@ -10,6 +10,7 @@ nothing. pip runs with --no-index, so it cannot reach the network either.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -30,7 +31,7 @@ from rich.console import Console
 
 from ops import fleet, studies
 from ops.fleet import trials as fleet_trials
-from ops.fleet.connection import Timeouts
+from ops.fleet.connection import HostConnection, Timeouts
 from ops.board import take_snapshot
 from ops.fleet.run import FleetWatcher, RunOptions, run_study
 from ops.inventory import load_gpu_hosts
@@ -164,6 +165,19 @@ def account_processes(host: SshHost) -> list[int]:
 
 
 # Deploy.
+
+
+def test_connection_sends_large_stdin_whole(inventory):
+    # Invoke forwards a non-terminal stdin one byte per 10 ms, which would take about
+    # 40 minutes for this input and time out; the connection sends it in one write.
+    data = "".join(f"{number:07d}\n" for number in range(32_768))
+    host = load_gpu_hosts(inventory)[0]
+    with HostConnection(host, FAST) as connection:
+        result = connection.run("sha256sum", stdin=data, timeout=30)
+        failed = connection.run("cat >/dev/null; echo problem >&2; exit 3", stdin="x", check=False)
+    assert result.stdout.split()[0] == hashlib.sha256(data.encode()).hexdigest()
+    assert failed.exited == 3
+    assert failed.stderr.strip() == "problem"
 
 
 def test_deploy_ships_payload_and_passes_preflight(first_deploy):
