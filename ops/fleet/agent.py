@@ -28,6 +28,8 @@ from pathlib import Path
 from typing import Any
 
 STATE_FILE = "state.json"
+# Torch's facts and the trainer's import check from the last preflight, with their key.
+PREFLIGHT_CACHE = "preflight-cache.json"
 # The worker logs this once it has connected to the storage and loaded the study.
 STARTED_MARKER = " starting: study="
 FINISHED_MARKER = " finished: "
@@ -59,12 +61,46 @@ def preflight(request: dict[str, Any]) -> dict[str, Any]:
         "python": ".".join(str(part) for part in sys.version_info[:3]),
         "disk_free_bytes": shutil.disk_usage(base_dir).free,
     }
-    report.update(_torch_facts())
     report["gpus"], report["nvidia_smi"] = _nvidia_smi()
-    report["trainer_error"] = _import_error("trainer.worker")
+    report.update(_cached_python_facts(base_dir, [report["gpus"], report["nvidia_smi"]]))
     if report["trainer_error"] is None and request.get("env_file"):
         report.update(_storage_facts(request["env_file"], request.get("study")))
     return report
+
+
+def _cached_python_facts(base_dir: Path, gpus_seen: list[Any]) -> dict[str, Any]:
+    """Return torch's facts and the trainer's import error, from the cache when nothing changed.
+
+    Importing torch takes a second or more of CPU, most of a redeploy that uploads
+    nothing. The cache key is the interpreter, the payload on sys.path and what
+    nvidia-smi reported. It also holds the modification time of every sys.path
+    directory, which changes whenever a package is installed, upgraded or removed there.
+    """
+    key = {
+        "python": sys.executable,
+        "version": sys.version,
+        "path": {entry: _mtime_ns(entry) for entry in sys.path if entry},
+        "gpus": gpus_seen,
+    }
+    cache_file = base_dir / PREFLIGHT_CACHE
+    try:
+        cached = json.loads(cache_file.read_text())
+    except (OSError, ValueError):
+        cached = {}
+    if cached.get("key") == key and isinstance(cached.get("facts"), dict):
+        return {**cached["facts"], "cached": True}
+    facts = {**_torch_facts(), "trainer_error": _import_error("trainer.worker")}
+    temporary = cache_file.with_name(cache_file.name + ".tmp")
+    temporary.write_text(json.dumps({"key": key, "facts": facts}))
+    temporary.replace(cache_file)
+    return {**facts, "cached": False}
+
+
+def _mtime_ns(path: str) -> int | None:
+    try:
+        return os.stat(path).st_mtime_ns
+    except OSError:
+        return None
 
 
 def gpus(request: dict[str, Any]) -> dict[str, Any]:

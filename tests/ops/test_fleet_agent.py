@@ -140,3 +140,21 @@ def test_prune_removes_payload_of_stopped_worker(tmp_path, state_dir):
 
     assert answer["removed"] == [old]
     assert [path.name for path in root.iterdir()] == [current]
+
+
+def test_preflight_reuses_facts_until_packages_change(tmp_path, monkeypatch):
+    packages = tmp_path / "site-packages"
+    packages.mkdir()
+    monkeypatch.syspath_prepend(str(packages))
+    request = {"base_dir": str(tmp_path)}
+
+    first = agent.preflight(request)
+    second = agent.preflight(request)
+    (packages / "new_package-1.0.dist-info").mkdir()
+    after_install = agent.preflight(request)
+
+    assert first["cached"] is False
+    assert second["cached"] is True
+    assert second["torch"] == first["torch"]
+    assert second["trainer_error"] == first["trainer_error"]
+    assert after_install["cached"] is False
