@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import math
 import os
 import random
 import signal
@@ -156,6 +157,24 @@ def select_device(threads: int | None) -> Any:
     return torch.device("cpu")
 
 
+@dataclass(frozen=True)
+class TrialOutcome:
+    """How a trial of this worker ended, as Optuna records it."""
+
+    number: int
+    state: TrialState
+    value: float | None
+    params: dict[str, Any]
+
+
+def _as_number(value: Any) -> float | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return None if math.isnan(number) else number
+
+
 def _no_lock() -> None:
     """Release nothing: the trial was created without the trial-count lock."""
 
@@ -188,6 +207,7 @@ class Worker:
         self._release_lock: Callable[[], None] = _no_lock
         self._fatal: BaseException | None = None
         self._started: dict[int, float] = {}
+        self._outcome: TrialOutcome | None = None
         self.heartbeat = storage_module.TrialHeartbeat(rdb, heartbeat_interval)
         self.stale_watch = storage_module.StaleTrialWatch(
             rdb, study_id, grace_seconds=grace_period or 2 * heartbeat_interval,
@@ -258,11 +278,16 @@ class Worker:
                            number, self.stale_watch.grace_seconds)
 
     def _run_one_trial(self) -> None:
+        self._outcome = None
         try:
-            self.study.optimize(self._objective, n_trials=1, catch=(Exception,),
-                                callbacks=[self._on_trial_end])
+            # No callbacks: with one, Optuna reads the finished trial back from the
+            # storage, six queries per trial, while _objective already knows the outcome.
+            self.study.optimize(self._objective, n_trials=1, catch=(Exception,))
         except StopRequested:
             self._requeue_interrupted_trial()
+        else:
+            if self._outcome is not None:
+                self._on_trial_end(self._outcome)
         finally:
             self.heartbeat.beat_for(None)
             self._release_lock()
@@ -289,24 +314,34 @@ class Worker:
         try:
             if self._stop_event.is_set():
                 raise StopRequested()
-            return self.objective(trial, params, context)
+            value = self.objective(trial, params, context)
+        except optuna.TrialPruned:
+            self._outcome = TrialOutcome(trial.number, TrialState.PRUNED, None, trial.params)
+            raise
         except ImportError as error:
             self._fatal = error
+            self._outcome = TrialOutcome(trial.number, TrialState.FAIL, None, trial.params)
+            raise
+        except Exception:
+            self._outcome = TrialOutcome(trial.number, TrialState.FAIL, None, trial.params)
             raise
         finally:
             self._in_objective = False
+        # Optuna fails a trial whose value is not a number, or NaN, the same way.
+        number_value = _as_number(value)
+        state = TrialState.FAIL if number_value is None else TrialState.COMPLETE
+        self._outcome = TrialOutcome(trial.number, state, number_value, trial.params)
+        return value
 
-    def _on_trial_end(self, study: optuna.Study, trial: FrozenTrial) -> None:
+    def _on_trial_end(self, outcome: TrialOutcome) -> None:
         self.trials_run += 1
-        self._log_trial_end(trial)
-        if trial.state == TrialState.FAIL:
+        self._log_trial_end(outcome)
+        if outcome.state == TrialState.FAIL:
             self.consecutive_failures += 1
         else:
             self.consecutive_failures = 0
-        if self._fatal is not None:
-            study.stop()
 
-    def _log_trial_end(self, trial: FrozenTrial) -> None:
+    def _log_trial_end(self, trial: TrialOutcome | FrozenTrial) -> None:
         started = self._started.pop(trial.number, None)
         duration = time.monotonic() - started if started is not None else float("nan")
         value = "-" if trial.value is None else f"{trial.value:.6g}"
