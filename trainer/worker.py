@@ -159,7 +159,7 @@ def select_device(threads: int | None) -> Any:
 
 @dataclass(frozen=True)
 class TrialOutcome:
-    """How a trial of this worker ended, as Optuna records it."""
+    """The end state, value and params of a trial of this worker, as Optuna records them."""
 
     number: int
     state: TrialState
@@ -281,7 +281,7 @@ class Worker:
         self._outcome = None
         try:
             # No callbacks: with one, Optuna reads the finished trial back from the
-            # storage, six queries per trial, while _objective already knows the outcome.
+            # storage (six queries per trial), while _objective has already recorded the outcome.
             self.study.optimize(self._objective, n_trials=1, catch=(Exception,))
         except StopRequested:
             self._requeue_interrupted_trial()
