@@ -7,10 +7,13 @@ import ipaddress
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -109,18 +112,21 @@ def run_playbook(
     # the socket path under the 108-byte limit of Unix sockets.
     control_dir = tempfile.mkdtemp(prefix="tf-ssh-")
     try:
-        runner = ansible_runner.run(
-            private_data_dir=str(private_data_dir),
-            project_dir=str(playbook_dir()),
-            playbook=playbook,
-            inventory=str(Path(inventory).resolve()),
-            extravars=extravars,
-            envvars={**RUNNER_ENVVARS, "PATH": _path_with_ansible(), "ANSIBLE_SSH_CONTROL_PATH_DIR": control_dir},
-            limit=limit,
-            cmdline="--check" if check else None,
-            quiet=True,
-            event_handler=handle_event,
-        )
+        with _signals_cancel_run() as cancel_requested:
+            runner = ansible_runner.run(
+                private_data_dir=str(private_data_dir),
+                project_dir=str(playbook_dir()),
+                playbook=playbook,
+                inventory=str(Path(inventory).resolve()),
+                extravars=extravars,
+                envvars={**RUNNER_ENVVARS, "PATH": _path_with_ansible(),
+                         "ANSIBLE_SSH_CONTROL_PATH_DIR": control_dir},
+                limit=limit,
+                cmdline="--check" if check else None,
+                quiet=True,
+                event_handler=handle_event,
+                cancel_callback=cancel_requested,
+            )
     finally:
         _close_control_sockets(control_dir)
     _prune_runs(private_data_dir.parent)
@@ -135,6 +141,35 @@ def run_playbook(
         # ansible-playbook stopped before any task ran: a syntax error, a missing binary.
         result.failures.append(f"ansible-playbook: {_last_output_line(result.artifact_dir)}")
     return result
+
+
+@contextmanager
+def _signals_cancel_run() -> Iterator[Callable[[], bool]]:
+    """Turn SIGINT and SIGTERM into a cancel of the playbook run, then deliver them as usual.
+
+    Without a cancel callback, ansible-runner installs SIGINT and SIGTERM handlers of its
+    own and never restores the previous ones, so Ctrl-C after a playbook did nothing for
+    the rest of the command.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    received: list[int] = []
+    previous = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
+
+    def record(number: int, frame: Any) -> None:
+        received.append(number)
+
+    for number in previous:
+        signal.signal(number, record)
+    try:
+        yield lambda: bool(received)
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+    if received:
+        # The run was cancelled; now the command's own handling applies, Ctrl-C included.
+        signal.raise_signal(received[0])
 
 
 def _close_control_sockets(control_dir: str) -> None:

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import pwd
+import signal
 import socket
 import stat
 import subprocess
@@ -14,6 +16,7 @@ import psycopg2
 import pytest
 from rich.console import Console
 
+from ops import provision
 from ops.errors import TunefleetError
 from ops.progress import PlaybookProgress
 from ops.paths import state_dir
@@ -276,3 +279,25 @@ def test_check_mode_without_account_creates_none(tunefleet_home, server_base_dir
     assert "account tf-never-made does not exist" in console.export_text()
     with pytest.raises(KeyError):
         pwd.getpwnam("tf-never-made")
+
+
+def test_playbook_run_restores_signal_handlers():
+    def handler(number, frame):
+        raise AssertionError("the run's own handler should be active")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        with provision._signals_cancel_run() as cancel_requested:
+            assert cancel_requested() is False
+        assert signal.getsignal(signal.SIGINT) is handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def test_ctrl_c_during_playbook_cancels_then_interrupts():
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt):
+        with provision._signals_cancel_run() as cancel_requested:
+            os.kill(os.getpid(), signal.SIGINT)
+            assert cancel_requested() is True
+    assert signal.getsignal(signal.SIGINT) is before
