@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Protocol
 
 import optuna
@@ -98,16 +99,26 @@ def trial_table(snapshot: StudySnapshot) -> Table:
 
 
 class ChangedLinePrinter:
-    """Print a summary line on a non-terminal only when more than its elapsed time changed."""
+    """Print a summary line on a non-terminal when more than its elapsed time changed.
 
-    def __init__(self, console: Console) -> None:
+    An unchanged line is printed again after `repeat_seconds`, so that a log of a long
+    wait, such as a dead worker's grace period, still shows that the run is alive.
+    """
+
+    def __init__(self, console: Console, repeat_seconds: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.console = console
+        self.repeat_seconds = repeat_seconds
+        self.clock = clock
         self.last_line = ""
+        self.last_printed = float("-inf")
 
     def print(self, line: str) -> None:
-        if line.split(", elapsed")[0] != self.last_line.split(", elapsed")[0]:
+        changed = line.split(", elapsed")[0] != self.last_line.split(", elapsed")[0]
+        if changed or self.clock() - self.last_printed >= self.repeat_seconds:
             self.console.print(line, highlight=False)
             self.last_line = line
+            self.last_printed = self.clock()
 
 
 def render(study_name: str, target: int, snapshot: StudySnapshot, workers: list[WorkerView],

@@ -7,6 +7,7 @@ the workers, watch them on a live board, then write the best parameters.
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import os
 import signal
@@ -14,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +25,8 @@ from ops import board, output, paths, progress, provision, secrets, storage_conf
 from ops.errors import TunefleetError
 
 STOP_TIMEOUT_S = 60
+# prctl(2) option that asks for a signal when the parent process exits (linux/prctl.h).
+PR_SET_PDEATHSIG = 1
 DEMO_HEARTBEAT_S = 10
 
 
@@ -78,7 +82,8 @@ def _last_line(path: Path) -> str:
 
 def default_study_name() -> str:
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    return f"digits-demo-{stamp}"
+    # The random suffix keeps two demos started in the same second apart.
+    return f"digits-demo-{stamp}-{os.urandom(2).hex()}"
 
 
 def write_env_file(server: provision.DatabaseServer) -> Path:
@@ -87,6 +92,27 @@ def write_env_file(server: provision.DatabaseServer) -> Path:
         env_file, f"{storage_config.URL_VARIABLE}={server.storage_url(masked=False)}\n"
     )
     return env_file
+
+
+def _stop_with_parent(parent_pid: int) -> Callable[[], None] | None:
+    """Return a pre-exec hook that has the kernel send SIGTERM to the worker when the demo dies.
+
+    Workers run in sessions of their own so that Ctrl-C reaches only the demo, which
+    stops them in order. A demo killed with SIGKILL cannot stop them, so they would run
+    on unseen. The parent-death signal stops them instead, and each worker fails and
+    queues again its running trial, as on any SIGTERM.
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def prepare() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+        if os.getppid() != parent_pid:
+            # The demo died between fork and prctl, before the kernel could tell.
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    return prepare
 
 
 def start_workers(study_name: str, count: int, env_file: Path, run_dir: Path) -> LocalWorkers:
@@ -111,6 +137,7 @@ def start_workers(study_name: str, count: int, env_file: Path, run_dir: Path) ->
             process = subprocess.Popen(
                 command, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
                 env=environment, start_new_session=True, cwd=paths.project_root(),
+                preexec_fn=_stop_with_parent(os.getpid()),
             )
         workers.append(WorkerProcess(f"worker-{index}", process, log_path))
     return LocalWorkers(workers)
@@ -171,6 +198,17 @@ def run_demo(*, target_trials: int, worker_count: int, inventory: Path | None, s
     print(f"show the study again: tunefleet study show {study_name}")
 
 
+def _exit_description(state: str) -> str:
+    """Spell out a worker state such as ``exited -9`` as the signal that ended it."""
+    code = state.removeprefix("exited ")
+    if code.startswith("-") and code[1:].isdigit():
+        try:
+            return f"was killed by {signal.Signals(int(code[1:])).name}"
+        except ValueError:
+            return f"was killed by signal {code[1:]}"
+    return state
+
+
 def _check_workers(workers: LocalWorkers, study, target_trials: int, console: Console) -> None:
     """Fail when the study fell short of its target; warn about workers that died anyway.
 
@@ -179,7 +217,8 @@ def _check_workers(workers: LocalWorkers, study, target_trials: int, console: Co
     """
     failed = [view for view in workers.worker_views() if view.state != "exited 0"]
     finished = studies.finished_count(studies.count_states(study.get_trials(deepcopy=False)))
-    details = "; ".join(f"{view.name} (pid {view.pid}) {view.state}: {view.last_log_line}" for view in failed)
+    details = "; ".join(f"{view.name} (pid {view.pid}) {_exit_description(view.state)}, last log line: "
+                        f"{view.last_log_line or '(none)'}" for view in failed)
     if finished < target_trials:
         raise TunefleetError(
             f"the workers stopped at {finished} of {target_trials} finished trials: {details or 'no error logged'}",

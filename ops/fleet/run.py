@@ -216,8 +216,8 @@ class FleetWatcher:
                 row.state = "restarting"
                 continue
             self._event_once((row.host, row.name, row.restarts),
-                             f"worker {row.host}:{row.name} died: {row.last_log_line[-100:]}; its trial, if any, "
-                             "is failed and queued again once its heartbeat is stale")
+                             f"worker {row.host}:{row.name} died (last log line: {row.last_log_line[-100:] or 'none'}); "
+                             "its trial, if any, is failed and queued again once its heartbeat is stale")
             if self.restarts.submit(key):
                 row.state = "restarting"
 

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -54,3 +56,41 @@ def test_demo_finishes_study_and_writes_best(demo_inventory, tunefleet_home):
     assert summary["trials"]["COMPLETE"] + summary["trials"]["PRUNED"] == 4
     assert summary["trials"]["RUNNING"] == 0
     assert len({trial["number"] for trial in summary["trial_list"]}) == len(summary["trial_list"])
+
+
+def test_demo_workers_stop_when_demo_is_killed(storage_url, tmp_path):
+    import optuna
+    from optuna.trial import TrialState
+
+    name = f"orphan-{os.urandom(4).hex()}"
+    study = optuna.create_study(study_name=name, storage=storage_url, direction="maximize")
+    study.set_user_attr("tunefleet", {"target_trials": 50, "sampler": "random", "pruner": "none", "seed": 1})
+    env_file = tmp_path / "storage.env"
+    env_file.write_text(f"TUNEFLEET_STORAGE_URL={storage_url}\n")
+    env_file.chmod(0o600)
+    # A stand-in for the demo process: it starts the workers, prints their pids, and waits.
+    script = ("import sys, time; from pathlib import Path; from ops.demo import start_workers; "
+              f"w = start_workers({name!r}, 2, Path({str(env_file)!r}), Path({str(tmp_path / 'run')!r})); "
+              "print(' '.join(str(p.process.pid) for p in w.workers), flush=True); time.sleep(600)")
+    parent = subprocess.Popen([sys.executable, "-c", script], cwd=project_root(), stdout=subprocess.PIPE, text=True)
+    pids = [int(pid) for pid in parent.stdout.readline().split()]
+    deadline = time.monotonic() + 120
+    while not any(trial.state == TrialState.RUNNING for trial in study.get_trials(deepcopy=False)):
+        assert time.monotonic() < deadline, "no worker started a trial"
+        time.sleep(0.5)
+
+    parent.kill()
+    parent.wait()
+    while any(alive(pid) for pid in pids):
+        assert time.monotonic() < deadline + 60, f"workers {pids} outlived the killed demo"
+        time.sleep(0.5)
+
+    states = [trial.state for trial in study.get_trials(deepcopy=False)]
+    assert TrialState.RUNNING not in states
+
+
+def alive(pid: int) -> bool:
+    try:
+        return "zombie" not in Path(f"/proc/{pid}/status").read_text()
+    except FileNotFoundError:
+        return False

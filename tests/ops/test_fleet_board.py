@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from rich.console import Console
 
+from ops import board
 from ops.board import StudySnapshot, format_duration
 from ops.fleet.board import FleetWorkerRow, HostOutage, Progress, render, summary_line
 
@@ -65,3 +66,20 @@ def test_summary_line_names_unreachable_hosts():
     outage = HostOutage("gpu-c", "timed out", since=0.0)
     line = summary_line("study-x", snapshot(10), rows(), Progress(20, 0), elapsed=600, outages=[outage])
     assert "hosts unreachable 1 (gpu-c)" in line
+
+
+def test_changed_line_printer_repeats_a_long_unchanged_line():
+    console = Console(record=True, width=200)
+    now = [0.0]
+    printer = board.ChangedLinePrinter(console, repeat_seconds=60, clock=lambda: now[0])
+
+    printer.print("study s: 11/12 finished, elapsed 0:00:47")
+    now[0] = 30
+    printer.print("study s: 11/12 finished, elapsed 0:01:17")
+    now[0] = 61
+    printer.print("study s: 11/12 finished, elapsed 0:01:48")
+    printer.print("study s: 12/12 finished, elapsed 0:01:48")
+
+    lines = console.export_text().splitlines()
+    assert lines == ["study s: 11/12 finished, elapsed 0:00:47", "study s: 11/12 finished, elapsed 0:01:48",
+                     "study s: 12/12 finished, elapsed 0:01:48"]
