@@ -71,11 +71,24 @@ def backup_create(inventory: Path, no_sudo: bool, backup_dir: str | None, compre
     """
     with _backup_host(inventory, no_sudo, backup_dir) as host:
         click.echo(f"backing up into {host.site.backup_dir} on the db host", err=True)
-        record = backups.create_backup(host, compression=compression)
+        try:
+            record = backups.create_backup(host, compression=compression)
+        except KeyboardInterrupt:
+            raise _interrupted(host) from None
     if record.get("removed_partials"):
         click.echo("removed the partial directories of backups that did not finish: "
                    + ", ".join(record["removed_partials"]), err=True)
     output.emit(record, fmt, rows=[_row(record)], columns=LIST_COLUMNS)
+
+
+def _interrupted(host: backups.BackupHost) -> TunefleetError:
+    if host.connection is None:
+        return TunefleetError("backup interrupted; the backup script removed its partial directory and "
+                              "recorded the attempt as failed", "run tunefleet backup create again")
+    # NOTE: Ctrl-C closes only the SSH channel, and without a terminal sshd sends the
+    # remote script no signal, so it runs on to a good or failed record of its own.
+    return TunefleetError("backup interrupted here, but the backup script may still be running on the db host",
+                          "see how it ended with tunefleet backup list")
 
 
 LIST_COLUMNS = ["name", "started_at", "status", "size_mb", "postgresql", "duration_s", "studies"]
@@ -89,7 +102,8 @@ def _row(record: dict[str, Any]) -> dict[str, Any]:
     return {
         "name": record.get("name"),
         "started_at": record.get("started_at"),
-        "status": record.get("status") if record.get("status") != "failed" else f"failed: {record.get('error')}",
+        "status": (f"{record['status']}: {record.get('error')}" if record.get("status") in ("failed", "damaged")
+                   else record.get("status")),
         "size_mb": round(size / 1e6, 1) if size is not None else None,
         "postgresql": record.get("postgresql_version"),
         "duration_s": record.get("duration_s"),

@@ -8,12 +8,14 @@ a TunefleetError."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib.util
 import json
 import os
 import pwd
 import shlex
+import signal
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +31,13 @@ BACKUP_SCRIPT = playbook_dir() / "roles" / "backup" / "files" / "tunefleet_backu
 # of a few GB takes minutes; a restore drill adds an unpack and a server start.
 SCRIPT_TIMEOUT_S = 3600
 
+# Seconds an interrupted backup script may take to remove its partial directory.
+INTERRUPT_GRACE_S = 60
+
+# What `sudo -n` prints when the login account may not switch to the server's account
+# without a password or a terminal.
+SUDO_REFUSALS = ("sudo: a password is required", "sudo: a terminal is required")
+
 
 @dataclass(frozen=True)
 class BackupSite:
@@ -38,6 +47,8 @@ class BackupSite:
     PATH and sets PGHOST and PGPORT. In system mode there is none, and `bin_dir` and
     `environment` (PGHOST, PGPORT) give the same. `server_bin_dir` is the directory of
     pg_ctl for the restore drill when the client tools come from another installation.
+    `default_dir` is true when `backup_dir` is the site's default rather than one the
+    user passed, so `create` makes it on first use.
     """
 
     backup_dir: str
@@ -49,6 +60,7 @@ class BackupSite:
     config_dir: str | None = None
     database: str = "optuna"
     python: str = "python3"
+    default_dir: bool = False
 
     @classmethod
     def user_mode(cls, prefix: Path | str, account: str, *, backup_dir: str | None = None,
@@ -56,7 +68,7 @@ class BackupSite:
         """Describe a server that the postgresql role installed under `prefix` without sudo."""
         prefix = str(prefix)
         return cls(backup_dir=backup_dir or f"{prefix}/backups", account=account,
-                   env_script=f"{prefix}/env.sh", database=database)
+                   env_script=f"{prefix}/env.sh", database=database, default_dir=backup_dir is None)
 
 
 class CommandRunner(Protocol):
@@ -69,13 +81,44 @@ def current_account() -> str:
 
 
 def run_locally(command: str, stdin: str) -> tuple[int, str, str]:
-    completed = subprocess.run(["sh", "-c", command], input=stdin, capture_output=True, text=True,
-                               timeout=SCRIPT_TIMEOUT_S, check=False)
-    return completed.returncode, completed.stdout, completed.stderr
+    # A session of its own, so that the signals below reach su and the script, and a
+    # Ctrl-C in the terminal reaches them only through this process.
+    with subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True, start_new_session=True) as process:
+        try:
+            stdout, stderr = process.communicate(stdin, timeout=SCRIPT_TIMEOUT_S)
+        except KeyboardInterrupt:
+            _let_script_clean_up(process)
+            raise
+        except subprocess.TimeoutExpired:
+            _signal_group(process, signal.SIGKILL)
+            raise
+    return process.returncode, stdout, stderr
 
 
-def run_over_ssh(connection: Any) -> CommandRunner:
-    """Return a runner for an ops.fleet.connection.HostConnection."""
+def _let_script_clean_up(process: subprocess.Popen) -> None:
+    """Send the backup script SIGTERM and wait while it removes its partial directory and records the attempt.
+
+    subprocess.run would kill it 0.25 s after Ctrl-C, too soon to remove a large partial
+    directory.
+    """
+    # NOTE: when the script runs under su, su passes SIGTERM on but sends SIGKILL 2 s
+    # later (util-linux su), so a cleanup that takes longer leaves the partial directory
+    # for the next backup create to remove.
+    _signal_group(process, signal.SIGTERM)
+    try:
+        process.communicate(timeout=INTERRUPT_GRACE_S)
+    except subprocess.TimeoutExpired:
+        _signal_group(process, signal.SIGKILL)
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signum)
+
+
+def run_over_ssh(connection: Any, role: str = "db host") -> CommandRunner:
+    """Return a runner for an ops.fleet.connection.HostConnection; `role` names the host in errors."""
 
     from ops.fleet.connection import HostError
 
@@ -83,10 +126,33 @@ def run_over_ssh(connection: Any) -> CommandRunner:
         try:
             result = connection.run(command, stdin=stdin or None, timeout=SCRIPT_TIMEOUT_S, check=False)
         except HostError as error:
-            raise TunefleetError(f"db host {connection.host.label}: {error}") from None
+            raise TunefleetError(f"{role} {connection.host.label}: {error}") from None
         return result.exited, result.stdout, result.stderr
 
     return runner
+
+
+def open_connection(host: Any, timeouts: Any, role: str) -> Any:
+    """Connect to inventory host `host` over SSH; `role` ("db host", "restore target") names it in errors.
+
+    The key file is checked first, because paramiko reports a missing one as a failed
+    connect, which reads like a host that is down.
+    """
+    from ops.fleet.connection import HostConnection, HostError
+
+    key_file = host.private_key_file
+    if key_file is not None and not key_file.is_file():
+        raise TunefleetError(f"{role} {host.label}: SSH key file {key_file} not found",
+                             f"fix ansible_ssh_private_key_file of {host.name} in the inventory")
+    connection = HostConnection(host, timeouts)
+    try:
+        connection.open()
+    except HostError as error:
+        connection.close()
+        raise TunefleetError(f"{role} {host.label}: {error}",
+                             f"check ansible_host, ansible_port and ansible_user of {host.name} "
+                             "in the inventory") from None
+    return connection
 
 
 @dataclass
@@ -99,6 +165,8 @@ class BackupHost:
     login_account: str = field(default_factory=lambda: pwd.getpwuid(os.geteuid()).pw_name)
     # The SSH connection behind runner, if any, for the caller to close.
     connection: Any = None
+    # What errors call the host: "db host", or "restore target" for the host of a restore.
+    role: str = "db host"
 
     def call(self, *arguments: str) -> dict[str, Any]:
         """Run the backup script with `arguments` and return its JSON result."""
@@ -108,16 +176,23 @@ class BackupHost:
             result = json.loads(stdout)
         except json.JSONDecodeError:
             tail = (stderr or stdout).strip()[-800:]
-            raise TunefleetError(f"the backup script failed on the db host (exit {code}): {tail}",
-                                 f"check that {self.site.python} exists there and that {self.site.account} "
-                                 "can reach the server") from None
+            raise TunefleetError(f"the backup script failed on the {self.role} (exit {code}): {tail}",
+                                 self._failure_hint(stdout + stderr)) from None
         if "error" in result:
             raise TunefleetError(result["error"], result.get("hint"))
         return result
 
+    def _failure_hint(self, output: str) -> str:
+        if any(message in output for message in SUDO_REFUSALS):
+            return (f"pass --no-sudo if the server was provisioned with --no-sudo, or allow {self.login_account} "
+                    f"to run commands as {self.site.account} with `sudo -n` (no password)")
+        return f"check that {self.site.python} exists there and that {self.site.account} can reach the server"
+
     def _command(self, arguments: tuple[str, ...]) -> str:
         site = self.site
         options = ["--backup-dir", site.backup_dir, "--database", site.database]
+        if site.default_dir:
+            options.append("--default-dir")
         if site.bin_dir:
             options += ["--bin-dir", site.bin_dir]
         if site.server_bin_dir:
@@ -207,7 +282,7 @@ def open_backup_host(inventory: Path, *, no_sudo: bool, backup_dir: str | None =
     `host.connection` when there is one.
     """
     from ops import provision
-    from ops.fleet.connection import HostConnection, Timeouts
+    from ops.fleet.connection import Timeouts
     from ops.inventory import host_from_variables
 
     name, variables = provision._database_host(inventory, inventory_module.load_inventory(inventory))
@@ -216,45 +291,55 @@ def open_backup_host(inventory: Path, *, no_sudo: bool, backup_dir: str | None =
         login = pwd.getpwuid(os.geteuid()).pw_name
         connection = None
     else:
-        connection = HostConnection(host_from_variables(name, variables), timeouts or Timeouts())
+        connection = open_connection(host_from_variables(name, variables), timeouts or Timeouts(), "db host")
         runner = run_over_ssh(connection)
         login = str(variables.get("ansible_user") or pwd.getpwuid(os.geteuid()).pw_name)
-    site = _site_for(variables, no_sudo=no_sudo, login=login, runner=runner, backup_dir=backup_dir)
+    try:
+        site = _site_for(variables, no_sudo=no_sudo, login=login, runner=runner, backup_dir=backup_dir)
+    except BaseException:
+        if connection is not None:
+            connection.close()
+        raise
     return BackupHost(site, runner, login, connection)
 
 
 def _site_for(variables: dict[str, Any], *, no_sudo: bool, login: str, runner: CommandRunner,
-              backup_dir: str | None) -> BackupSite:
+              backup_dir: str | None, role: str = "db host") -> BackupSite:
     database = str(variables.get("postgresql_database", "optuna"))
     port = str(variables.get("postgresql_port", 5432))
     if no_sudo:
         # The same rule as the postgresql role: root hands the server to a dedicated account.
         account = str(variables.get("postgresql_user_space_account", "tunefleet")) if login == "root" else login
-        prefix = str(variables.get("postgresql_prefix") or "") or f"{_home_of(account, runner)}/{USER_PREFIX}"
+        prefix = (str(variables.get("postgresql_prefix") or "")
+                  or f"{_home_of(account, runner, role)}/{USER_PREFIX}")
         return BackupSite.user_mode(prefix, account, backup_dir=backup_dir, database=database)
-    major = str(variables.get("postgresql_version") or "") or _installed_major(runner)
+    major = str(variables.get("postgresql_version") or "") or _installed_major(runner, role)
     return BackupSite(
-        backup_dir=backup_dir or SYSTEM_BACKUP_DIR, account=SYSTEM_ACCOUNT,
+        backup_dir=backup_dir or SYSTEM_BACKUP_DIR, account=SYSTEM_ACCOUNT, default_dir=backup_dir is None,
         bin_dir=f"/usr/lib/postgresql/{major}/bin",
         environment={"PGHOST": SYSTEM_SOCKET_DIR, "PGPORT": port},
         config_dir=f"/etc/postgresql/{major}/main", database=database,
     )
 
 
-def _home_of(account: str, runner: CommandRunner) -> str:
+class AccountNotFound(TunefleetError):
+    """The server's account does not exist on the host, so its home and default prefix are unknown."""
+
+
+def _home_of(account: str, runner: CommandRunner, role: str) -> str:
     code, stdout, stderr = runner(f"getent passwd {shlex.quote(account)}", "")
     fields = stdout.strip().split(":")
     if code != 0 or len(fields) < 6:
-        raise TunefleetError(f"account {account} not found on the db host",
+        raise AccountNotFound(f"account {account} not found on the {role}",
                              "provision the server first: tunefleet provision --no-sudo")
     return fields[5]
 
 
-def _installed_major(runner: CommandRunner) -> str:
+def _installed_major(runner: CommandRunner, role: str) -> str:
     code, stdout, _ = runner("ls /usr/lib/postgresql", "")
     majors = sorted((entry for entry in stdout.split() if entry.isdigit()), key=int)
     if code != 0 or not majors:
-        raise TunefleetError("no PostgreSQL installation found under /usr/lib/postgresql on the db host",
+        raise TunefleetError(f"no PostgreSQL installation found under /usr/lib/postgresql on the {role}",
                              "provision the server first (tunefleet provision), or pass --no-sudo for user mode")
     return majors[-1]
 

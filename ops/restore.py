@@ -31,6 +31,9 @@ RESTORE_PLAYBOOK = "restore.yml"
 STAGING_DIR = "restore-staging"
 SYSTEM_HOME = "/var/lib/postgresql"
 
+# Label of the host that a backup is restored onto, in error messages.
+TARGET_ROLE = "restore target"
+
 
 @dataclass
 class RestoreReport:
@@ -110,14 +113,19 @@ def _good_record(source: BackupHost, name: str) -> dict[str, Any]:
     record = records.get(name)
     if record is None or record.get("status") != "good":
         good = [entry for entry, value in records.items() if value.get("status") == "good"]
-        state = "not found" if record is None else f"not good (status {record.get('status')})"
+        if record is None:
+            state = "not found"
+        elif record.get("status") == "damaged":
+            state = f"marked damaged by a failed verify ({record.get('error')})"
+        else:
+            state = f"not good (status {record.get('status')})"
         raise TunefleetError(f"backup {name} is {state} in {source.site.backup_dir}",
                              f"pick a good backup: {', '.join(good) or 'none yet'} (tunefleet backup list)")
     return record
 
 
 def _target_backup_host(inventory: Path, target: str, *, no_sudo: bool, major: int) -> BackupHost:
-    from ops.fleet.connection import HostConnection, Timeouts
+    from ops.fleet.connection import Timeouts
     from ops.inventory import host_from_variables
 
     data = inventory_module.load_inventory(inventory)
@@ -129,27 +137,28 @@ def _target_backup_host(inventory: Path, target: str, *, no_sudo: bool, major: i
     if variables.get("ansible_connection") == "local":
         login = backups.current_account()
         return BackupHost(_target_site(target, variables, no_sudo, login, backups.run_locally),
-                          backups.run_locally, login)
+                          backups.run_locally, login, role=TARGET_ROLE)
 
-    connection = HostConnection(host_from_variables(target, variables), Timeouts())
-    runner = backups.run_over_ssh(connection)
+    connection = backups.open_connection(host_from_variables(target, variables), Timeouts(), TARGET_ROLE)
+    runner = backups.run_over_ssh(connection, TARGET_ROLE)
     login = str(variables.get("ansible_user") or backups.current_account())
     try:
         site = _target_site(target, variables, no_sudo, login, runner)
     except BaseException:
         connection.close()
         raise
-    return BackupHost(site, runner, login, connection)
+    return BackupHost(site, runner, login, connection, role=TARGET_ROLE)
 
 
 def _target_site(target: str, variables: dict[str, Any], no_sudo: bool, login: str,
                  runner: backups.CommandRunner) -> backups.BackupSite:
     try:
-        return backups._site_for(variables, no_sudo=no_sudo, login=login, runner=runner, backup_dir=None)
-    except TunefleetError as error:
+        return backups._site_for(variables, no_sudo=no_sudo, login=login, runner=runner, backup_dir=None,
+                                 role=TARGET_ROLE)
+    except backups.AccountNotFound as error:
         # In user mode as root, the prefix lies in the home of an account that the role
         # creates, so a fresh target has no prefix to check yet.
-        raise TunefleetError(f"restore target {target}: {error.message}",
+        raise TunefleetError(f"{TARGET_ROLE} {target}: {error.message}",
                              f"set postgresql_prefix for {target} in the inventory, or create the account "
                              "that will run the server first") from None
 
@@ -225,7 +234,7 @@ def _restore_files(source: BackupHost, target_host: BackupHost, record: dict[str
     if source.connection is None and target_host.connection is None:
         # The target reads the source's backup directory in place.
         in_place = BackupHost(dataclasses.replace(target_host.site, backup_dir=source.site.backup_dir),
-                              target_host.runner, target_host.login_account)
+                              target_host.runner, target_host.login_account, role=TARGET_ROLE)
         in_place.call(*unpack)
         return
 
@@ -234,7 +243,7 @@ def _restore_files(source: BackupHost, target_host: BackupHost, record: dict[str
     try:
         copy_backup(source, target_host, name, f"{layout.staging_dir}/{name}")
         staged = BackupHost(dataclasses.replace(target_host.site, backup_dir=layout.staging_dir),
-                            target_host.runner, target_host.login_account)
+                            target_host.runner, target_host.login_account, role=TARGET_ROLE)
         # unpack compares every copied file with SHA256SUMS before it writes anything.
         staged.call(*unpack)
     finally:

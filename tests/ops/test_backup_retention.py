@@ -150,3 +150,18 @@ def test_plan_prune_ignores_unreadable_record(tmp_path):
 
     assert "broken" in [record["name"] for record in kept]
     assert [record["name"] for record in deleted] == [names[0]]
+
+
+def test_prune_skips_damaged_newest_backup(tmp_path):
+    names = nightly(tmp_path, 3)
+    (tmp_path / "damaged").mkdir()
+    (tmp_path / "damaged" / f"{names[2]}.json").write_text(json.dumps({"name": names[2], "error": "base.tar.zst"}))
+
+    result = run_script(tmp_path, "prune", "--keep-daily", "1", "--keep-weekly", "0")
+    listed = run_script(tmp_path, "list", "--now", (START + datetime.timedelta(days=2)).isoformat())
+
+    # The damaged night is newer than the newest good one, so it stays visible.
+    assert result["kept"] == [names[1], names[2]]
+    assert result["deleted"] == [names[0]]
+    assert [entry["status"] for entry in listed["backups"]] == ["good", "damaged"]
+    assert listed["backups"][1]["error"] == "base.tar.zst"

@@ -23,7 +23,7 @@ from optuna.trial import TrialState
 
 from conftest import free_port, provision_test_server, server_account
 from support.sshd_hosts import descendant_pids
-from ops.backups import BackupHost, BackupSite, create_backup, list_backups, verify_backup
+from ops.backups import BackupHost, BackupSite, create_backup, list_backups, prune_backups, verify_backup
 from ops.errors import TunefleetError
 from ops.paths import project_root
 
@@ -153,6 +153,67 @@ def test_verify_names_damaged_file(backup_host, damage, file_pattern):
     assert "damaged" in str(caught.value)
 
 
+def test_failed_verify_marks_backup_damaged(backup_host, tmp_path):
+    older = create_backup(backup_host)
+    newer = create_backup(backup_host)
+    backup_dir = Path(backup_host.site.backup_dir)
+    files_before = {path.name: path.read_bytes() for path in (backup_dir / newer["name"]).iterdir()
+                    if not path.name.startswith("base.tar")}
+    target = next((backup_dir / newer["name"]).glob("base.tar.*"))
+    flip_byte(target)
+
+    with pytest.raises(TunefleetError):
+        verify_backup(backup_host, newer["name"])
+    listed = {entry["name"]: entry for entry in list_backups(backup_host)["backups"]}
+    pruned = prune_backups(backup_host, keep_daily=0, keep_weekly=1, dry_run=True)
+    with pytest.raises(TunefleetError) as drill:
+        verify_backup(backup_host, newer["name"], restore=True)
+    with pytest.raises(TunefleetError) as unpack:
+        backup_host.call("unpack", newer["name"], "--data-dir", str(tmp_path / "data"))
+    files_after = {path.name: path.read_bytes() for path in (backup_dir / newer["name"]).iterdir()
+                   if not path.name.startswith("base.tar")}
+
+    assert listed[newer["name"]]["status"] == "damaged"
+    assert target.name in listed[newer["name"]]["error"]
+    assert listed[older["name"]]["status"] == "good"
+    assert older["name"] in pruned["kept"]
+    assert "marked damaged" in str(drill.value)
+    assert "marked damaged" in str(unpack.value)
+    assert not (tmp_path / "data").exists()
+    assert files_after == files_before
+
+
+def test_passing_verify_clears_damaged_mark(backup_host):
+    record = create_backup(backup_host)
+    target = next((Path(backup_host.site.backup_dir) / record["name"]).glob("base.tar.*"))
+    flip_byte(target)
+    with pytest.raises(TunefleetError):
+        verify_backup(backup_host, record["name"])
+
+    # Flipping the same byte again brings the file back as it was taken.
+    flip_byte(target)
+    verified = verify_backup(backup_host, record["name"])
+    listed = list_backups(backup_host)
+
+    assert verified["verified"] is True
+    assert listed["backups"][0]["status"] == "good"
+    assert listed["warnings"] == []
+
+
+def test_prune_deletes_older_damaged_backup(backup_host):
+    damaged = create_backup(backup_host)
+    flip_byte(next((Path(backup_host.site.backup_dir) / damaged["name"]).glob("base.tar.*")))
+    with pytest.raises(TunefleetError):
+        verify_backup(backup_host, damaged["name"])
+    good = create_backup(backup_host)
+
+    pruned = prune_backups(backup_host, keep_daily=7, keep_weekly=0, dry_run=False)
+
+    assert pruned["kept"] == [good["name"]]
+    assert pruned["deleted"] == [damaged["name"]]
+    assert not (Path(backup_host.site.backup_dir) / "damaged" / f"{damaged['name']}.json").exists()
+
+
 def test_verify_catches_manifest_edit_behind_checksums(backup_host):
     """An edited manifest with SHA256SUMS rewritten to match still fails pg_verifybackup."""
     record = create_backup(backup_host)
@@ -186,7 +247,34 @@ def test_create_in_missing_dir_fails(backup_server, server_base_dir):
         create_backup(BackupHost(site))
     assert "backup directory" in str(caught.value)
     assert "not found" in str(caught.value)
+    assert f"mkdir -m 700 {server_base_dir / 'absent'}" in caught.value.hint
     assert not (server_base_dir / "absent").exists()
+
+
+def test_create_makes_default_dir(backup_server):
+    site = BackupSite.user_mode(backup_server.prefix, server_account())
+    backup_dir = Path(site.backup_dir)
+    shutil.rmtree(backup_dir, ignore_errors=True)
+    try:
+        record = create_backup(BackupHost(site))
+        mode = backup_dir.stat().st_mode & 0o777
+        owner = backup_dir.stat().st_uid
+    finally:
+        shutil.rmtree(backup_dir, ignore_errors=True)
+
+    assert record["status"] == "good"
+    assert mode == 0o700
+    assert owner == pwd.getpwnam(server_account()).pw_uid
+
+
+def test_list_missing_default_dir_says_create(backup_server):
+    site = BackupSite.user_mode(backup_server.prefix, server_account())
+    shutil.rmtree(site.backup_dir, ignore_errors=True)
+
+    with pytest.raises(TunefleetError) as caught:
+        list_backups(BackupHost(site))
+    assert "no backup was taken yet" in str(caught.value)
+    assert caught.value.hint == "take the first one: tunefleet backup create"
 
 
 @pytest.fixture
@@ -560,3 +648,30 @@ def test_create_after_killed_backup_removes_partial(backup_host, backup_storage_
     statuses = {entry["name"]: entry["status"] for entry in list_backups(backup_host)["backups"]}
     assert statuses == {killed_name: "failed", record["name"]: "good"}
     assert verify_backup(backup_host, record["name"], restore=True)["verified"] is True
+
+
+def test_interrupted_create_removes_partial_at_once(local_inventory, backup_server, server_base_dir,
+                                                   backup_storage_url):
+    add_study(backup_storage_url, trials=2)
+    backup_dir = make_backup_dir(server_base_dir)
+    tunefleet = Path(sys.executable).with_name("tunefleet")
+    interrupted = subprocess.Popen(
+        [str(tunefleet), "backup", "create", "-i", str(local_inventory), "--no-sudo", "--backup-dir", str(backup_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    deadline = time.monotonic() + 60
+    while not list(backup_dir.glob(".partial-*/base.tar*")) and time.monotonic() < deadline:
+        assert interrupted.poll() is None, "the backup finished before the test could interrupt it"
+        time.sleep(0.01)
+
+    # The SIGINT of a Ctrl-C in the terminal.
+    interrupted.send_signal(signal.SIGINT)
+    _, stderr = interrupted.communicate(timeout=90)
+
+    assert interrupted.returncode == 1, stderr
+    assert stderr.strip().splitlines()[-1].startswith("error: backup interrupted; ")
+    assert "Aborted!" not in stderr
+    assert not list(backup_dir.glob(".partial-*"))
+    records = [json.loads(path.read_text()) for path in (backup_dir / "records").glob("*.json")]
+    assert [record["status"] for record in records] == ["failed"]
+    assert records[0]["error"].startswith("interrupted: SIGTERM arrived")

@@ -241,6 +241,44 @@ def test_restore_over_ssh_rejects_corrupted_copy(ssh_fleet):
     assert not (on_machine / "run").exists() or not any((on_machine / "run").iterdir())
 
 
+def with_spare_vars(inventory: Path, host_name: str, **variables) -> Path:
+    """Copy `inventory` with `variables` changed for spare host `host_name`."""
+    data = yaml.safe_load(inventory.read_text())
+    data["all"]["children"]["spare"]["hosts"][host_name].update(variables)
+    copy = inventory.with_name(f"fleet-{uuid.uuid4().hex[:6]}.yml")
+    copy.write_text(yaml.safe_dump(data))
+    return copy
+
+
+def test_restore_target_closed_port_names_target(ssh_fleet):
+    inventory, _, spare, server = ssh_fleet
+    _, record, _ = ssh_source_backup(inventory, server)
+    wrong_port = with_spare_vars(inventory, spare.name, ansible_port=free_port())
+
+    with pytest.raises(TunefleetError) as caught:
+        restore_backup(wrong_port, record["name"], spare.name, no_sudo=True)
+
+    assert str(caught.value).startswith(f"restore target {spare.name} (")
+    assert "db host" not in str(caught.value)
+    assert "ansible_port" in caught.value.hint
+    assert "postgresql_prefix" not in caught.value.hint
+
+
+def test_restore_target_missing_key_names_file(ssh_fleet, tmp_path):
+    inventory, _, spare, server = ssh_fleet
+    _, record, _ = ssh_source_backup(inventory, server)
+    missing_key = tmp_path / "absent_ed25519"
+    no_key = with_spare_vars(inventory, spare.name, ansible_ssh_private_key_file=str(missing_key))
+
+    with pytest.raises(TunefleetError) as caught:
+        restore_backup(no_key, record["name"], spare.name, no_sudo=True)
+
+    assert f"SSH key file {missing_key} not found" in str(caught.value)
+    assert str(caught.value).startswith(f"restore target {spare.name} (")
+    assert "ansible_ssh_private_key_file" in caught.value.hint
+    assert "postgresql_prefix" not in caught.value.hint
+
+
 # System mode: two fresh Debian hosts with sudo and without systemd, each with Debian's
 # cluster layout. The target gets the packages without a cluster, then the backup's data
 # directory and its /etc/postgresql/N/main.

@@ -20,6 +20,12 @@ Layout of the backup directory:
     records/<stamp>.json
                        one record per attempt, good or failed; `list` and `prune` read
                        these, so a failed night shows up even though it left no directory
+    damaged/<stamp>.json
+                       written when `verify` finds <stamp>/ damaged and removed when a later
+                       `verify` passes; `list` shows such a backup as damaged, `prune`
+                       does not count it as good, and `unpack` and the drill reject it.
+                       It lies outside <stamp>/, so the backup's files and SHA256SUMS stay
+                       as they were taken
 
 The connection comes from the environment (PGHOST, PGPORT), as the server's env.sh sets it.
 """
@@ -33,7 +39,9 @@ import fcntl
 import hashlib
 import json
 import os
+import pwd
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -43,6 +51,7 @@ import time
 from pathlib import Path
 
 RECORDS_DIR = "records"
+DAMAGED_DIR = "damaged"
 PARTIAL_PREFIX = ".partial-"
 LOCK_SUFFIX = ".lock"
 SCRATCH_PREFIX = ".scratch-"
@@ -81,6 +90,30 @@ FROM (
 # The superuser that initdb created, named after the account that ran it. It has OID 10
 # (BOOTSTRAP_SUPERUSERID in PostgreSQL's pg_authid.h).
 BOOTSTRAP_ROLE_SQL = "SELECT rolname FROM pg_roles WHERE oid = 10"
+
+
+class Interrupted(BaseException):
+    """A signal that ends the script arrived: SIGINT (Ctrl-C), SIGTERM or SIGHUP.
+
+    A BaseException like KeyboardInterrupt, so that `except Exception` blocks let it
+    through to the handlers that clean up.
+    """
+
+
+# Signals that end a backup. Each raises Interrupted in the main thread, so that the
+# partial directory is removed and the attempt recorded before the script exits.
+INTERRUPT_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def raise_interrupted(signum: int, frame: object) -> None:
+    # Ignored from the first one on, so that a second Ctrl-C cannot cut the cleanup short.
+    ignore_interrupts()
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def ignore_interrupts() -> None:
+    for signum in INTERRUPT_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class BackupError(Exception):
@@ -232,8 +265,43 @@ def read_records(backup_dir: Path) -> list[dict]:
             record = {"name": path.stem, "status": "unreadable", "error": str(exc), "started_at": None}
         if record.get("status") == "good" and not (backup_dir / record["name"]).is_dir():
             record["status"] = "missing"
+        elif record.get("status") == "good":
+            mark = read_damaged_mark(backup_dir, record["name"])
+            if mark is not None:
+                record.update(status="damaged", error=mark.get("error"), damaged_at=mark.get("verified_at"))
         records.append(record)
     return sorted(records, key=lambda record: record.get("started_at") or "")
+
+
+def damaged_mark_path(backup_dir: Path, name: str) -> Path:
+    return backup_dir / DAMAGED_DIR / f"{name}.json"
+
+
+def read_damaged_mark(backup_dir: Path, name: str) -> dict | None:
+    """Return the mark that a failed verify left on backup `name`, or None when there is none."""
+    path = damaged_mark_path(backup_dir, name)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, json.JSONDecodeError) as exc:
+        # A mark that cannot be read still means that a verify failed on this backup.
+        return {"error": f"the damaged mark {path} is unreadable: {exc}"}
+
+
+def write_damaged_mark(backup_dir: Path, name: str, error: str) -> None:
+    path = damaged_mark_path(backup_dir, name)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    write_json(path, {"name": name, "error": error,
+                      "verified_at": datetime.datetime.now(datetime.timezone.utc).isoformat()})
+
+
+def reject_damaged(backup_dir: Path, name: str) -> None:
+    mark = read_damaged_mark(backup_dir, name)
+    if mark is not None:
+        raise BackupError(f"backup {name} is marked damaged by an earlier verify: {mark.get('error')}",
+                          f"restore from another backup (tunefleet backup list); a passing "
+                          f"`tunefleet backup verify {name}` removes the mark")
 
 
 def parse_time(text: str) -> datetime.datetime:
@@ -385,7 +453,7 @@ def write_checksums(target: Path) -> None:
 def command_create(args: argparse.Namespace) -> dict:
     backup_dir = Path(args.backup_dir)
     if not backup_dir.is_dir():
-        raise BackupError(f"backup directory {backup_dir} not found", "create it, owned by the server's account")
+        create_backup_dir(backup_dir, args.default_dir)
     removed = remove_stale_partials(backup_dir)
     started = datetime.datetime.now(datetime.timezone.utc)
     name = new_stamp(backup_dir, started)
@@ -401,6 +469,28 @@ def command_create(args: argparse.Namespace) -> dict:
         unlock_partial(backup_dir, name, lock)
     # Reported to the caller, not stored in the record.
     return {**record, "removed_partials": removed}
+
+
+def create_backup_dir(backup_dir: Path, is_default: bool) -> None:
+    """Create the default backup directory on first use; a directory that the user named must exist."""
+    if not is_default:
+        raise BackupError(f"backup directory {backup_dir} not found",
+                          f"create it as {account_name()} with mode 0700 (mkdir -m 700 {backup_dir}), "
+                          "or leave out --backup-dir to use the default directory, which backup create makes itself")
+    try:
+        # Not parents=True: a missing parent means the server itself is missing, which a
+        # new directory would hide.
+        backup_dir.mkdir(mode=0o700)
+        backup_dir.chmod(0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise BackupError(f"creating the backup directory {backup_dir} failed: {describe_failure(exc)}",
+                          f"check that {backup_dir.parent} exists and that {account_name()} may write to it") from None
+
+
+def account_name() -> str:
+    return pwd.getpwuid(os.geteuid()).pw_name
 
 
 def take_and_record(args: argparse.Namespace, backup_dir: Path, name: str, partial: Path,
@@ -438,6 +528,14 @@ def take_and_record(args: argparse.Namespace, backup_dir: Path, name: str, parti
         fsync_dir(backup_dir)
         write_json(records_dir(backup_dir) / f"{name}.json", record)
         return record
+    except Interrupted as exc:
+        shutil.rmtree(partial, ignore_errors=True)
+        message = f"interrupted: {exc} arrived before the backup finished, and its partial directory was removed"
+        record.update(status="failed", error=message, duration_s=round(time.monotonic() - clock, 3))
+        with contextlib.suppress(OSError):
+            write_json(records_dir(backup_dir) / f"{name}.json", record)
+        raise BackupError(f"backup {name} {message}",
+                          "earlier backups are untouched; run backup create again") from None
     except Exception as exc:
         # Free the space first: a full disk must still leave room for the failed record.
         shutil.rmtree(partial, ignore_errors=True)
@@ -534,20 +632,31 @@ def resolve_backup(backup_dir: Path, name: str) -> Path:
 
 
 def command_verify(args: argparse.Namespace) -> dict:
-    directory = resolve_backup(Path(args.backup_dir), args.name)
+    backup_dir = Path(args.backup_dir)
+    directory = resolve_backup(backup_dir, args.name)
+    if args.restore:
+        reject_damaged(backup_dir, args.name)
     problems = check_checksums(directory)
     if problems:
-        raise BackupError(f"backup {args.name} is damaged: " + "; ".join(problems),
-                          "restore from another backup (tunefleet backup list)")
+        fail_verify(backup_dir, args.name, "; ".join(problems))
     try:
         verify_contents(args, directory)
     except BackupError as exc:
-        raise BackupError(f"backup {args.name} is damaged: {exc.message}",
-                          "restore from another backup (tunefleet backup list)") from None
+        fail_verify(backup_dir, args.name, exc.message)
+    damaged_mark_path(backup_dir, args.name).unlink(missing_ok=True)
     result = {"name": args.name, "verified": True}
     if args.restore:
         result["drill"] = restore_drill(args, directory)
     return result
+
+
+def fail_verify(backup_dir: Path, name: str, problem: str) -> None:
+    hint = "restore from another backup (tunefleet backup list)"
+    try:
+        write_damaged_mark(backup_dir, name, problem)
+    except OSError as exc:
+        hint += f"; marking it damaged failed too ({describe_failure(exc)}), so backup list still shows it as good"
+    raise BackupError(f"backup {name} is damaged: {problem}", hint)
 
 
 # --- restore drill ---
@@ -647,6 +756,7 @@ def restore_drill(args: argparse.Namespace, directory: Path) -> dict:
 def command_unpack(args: argparse.Namespace) -> dict:
     """Check a backup and unpack it into an empty data directory, for a restore."""
     directory = resolve_backup(Path(args.backup_dir), args.name)
+    reject_damaged(Path(args.backup_dir), args.name)
     data_dir = Path(args.data_dir)
     if data_dir.exists() and any(data_dir.iterdir()):
         raise BackupError(f"data directory {data_dir} is not empty; nothing was overwritten",
@@ -728,7 +838,11 @@ def create_owner_role(args: argparse.Namespace, data_dir: Path, role: str, boots
 def command_list(args: argparse.Namespace) -> dict:
     backup_dir = Path(args.backup_dir)
     if not backup_dir.is_dir():
-        raise BackupError(f"backup directory {backup_dir} not found", "run tunefleet backup create first")
+        if args.default_dir:
+            raise BackupError(f"backup directory {backup_dir} not found, so no backup was taken yet",
+                              "take the first one: tunefleet backup create")
+        raise BackupError(f"backup directory {backup_dir} not found",
+                          "pass the --backup-dir that backup create or backup schedule wrote to")
     now = parse_time(args.now) if args.now else datetime.datetime.now(datetime.timezone.utc)
     records = read_records(backup_dir)
     good = [record for record in records if record.get("status") == "good"]
@@ -748,8 +862,8 @@ def plan_prune(records: list[dict], keep_daily: int, keep_weekly: int) -> tuple[
     The newest good backup of each of the last `keep_daily` days and of each of the
     last `keep_weekly` ISO weeks is kept, and the newest good backup always is. Failed
     records older than the newest good backup are deleted, and newer ones stay so that a
-    failing night remains visible. Unreadable records and records whose directory is
-    missing are kept for the operator to look at.
+    failing night remains visible. A backup marked damaged counts as failed. Unreadable
+    records and records whose directory is missing are kept for the operator to look at.
     """
     good = sorted((r for r in records if r.get("status") == "good"), key=lambda r: r["started_at"], reverse=True)
     keep = set()
@@ -769,7 +883,7 @@ def plan_prune(records: list[dict], keep_daily: int, keep_weekly: int) -> tuple[
     for record in records:
         if record.get("status") == "good":
             (kept if record["name"] in keep else deleted).append(record)
-        elif (record.get("status") == "failed" and newest_good_time is not None
+        elif (record.get("status") in ("failed", "damaged") and newest_good_time is not None
               and record["started_at"] < newest_good_time):
             deleted.append(record)
         else:
@@ -786,6 +900,7 @@ def command_prune(args: argparse.Namespace) -> dict:
         for record in deleted:
             # The record goes last, so an interrupted prune leaves a record for what remains.
             shutil.rmtree(backup_dir / record["name"], ignore_errors=True)
+            damaged_mark_path(backup_dir, record["name"]).unlink(missing_ok=True)
             (backup_dir / RECORDS_DIR / f"{record['name']}.json").unlink(missing_ok=True)
     return {"dry_run": args.dry_run, "kept": [r["name"] for r in kept], "deleted": [r["name"] for r in deleted]}
 
@@ -802,6 +917,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backup-dir", required=True, help="Directory that contains the backups and their records.")
     parser.add_argument("--bin-dir", default=None, help="bin directory of the server's installation. Default: PATH.")
     parser.add_argument("--database", default="optuna", help="Database that contains Optuna's tables.")
+    parser.add_argument("--default-dir", action="store_true",
+                        help="--backup-dir is the site's default, so create makes it on first use "
+                             "and a missing one means no backup yet.")
     # NOTE: relocatable server builds, such as the PostgreSQL 12 archive of the test suite,
     # carry only initdb, pg_ctl and postgres. Their client tools then come from a newer
     # installation, because pg_basebackup and psql read servers of older majors, and the
@@ -851,10 +969,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     os.umask(0o077)
+    for signum in INTERRUPT_SIGNALS:
+        signal.signal(signum, raise_interrupted)
     try:
         result = args.handler(args)
     except BackupError as exc:
         json.dump({"error": exc.message, "hint": exc.hint}, sys.stdout)
+        sys.stdout.write("\n")
+        return 1
+    except Interrupted as exc:
+        json.dump({"error": f"{args.command} interrupted by {exc}", "hint": None}, sys.stdout)
         sys.stdout.write("\n")
         return 1
     json.dump(result, sys.stdout, indent=2, sort_keys=True)
