@@ -540,7 +540,12 @@ def _storage_limits(storage: dict[str, Any]) -> list[str]:
         "stale-trial check run once per heartbeat interval, not per trial, and the advisory lock "
         "only for the last few trials.",
         "- **Commits.** Each write commit waits for the server's disk flush. The "
-        "`--synchronous-commit off` rows show what the flush costs at each worker count.",
+        "`--synchronous-commit off` rows show what the flush costs at each worker count; the "
+        "default stays on, so that a server crash loses no acknowledged trial update.",
+        "- **Connections near the target.** A worker keeps one connection, but for the last few "
+        "trials it holds the advisory lock on that connection while Optuna creates the trial on a "
+        "second one, for a few milliseconds. The sampler catches that second connection, which "
+        "is why one worker shows as many connections as one plain Optuna process.",
         "- **CPU.** Workers, server and benchmark share two cores, so at 4 and 8 workers the "
         "figures measure CPU per trial more than latency.",
         *_growth_limits(storage),
