@@ -116,7 +116,7 @@ def measure_unchanged_payload(hosts: list[SshHost], inventory: Path, env_file: P
     """Measure `hosts`, again when the payload changed during the measurement.
 
     Each command builds the payload from the working tree's trainer/ and host agent, so an
-    edit in between makes the redeploy upload. That cannot happen on a checkout that nobody edits.
+    edit in between makes the redeploy upload. That cannot happen on a checkout that no one edits.
     """
     for _ in range(MEASURE_ATTEMPTS):
         payload_hash = fleet.build_payload([OBJECTIVE_FILE, SEARCH_SPACE_FILE]).sha256
@@ -127,7 +127,7 @@ def measure_unchanged_payload(hosts: list[SshHost], inventory: Path, env_file: P
                 raise
             log(f"fanout: the payload's files changed while {len(hosts)} host(s) were measured, so measuring again")
     raise RuntimeError(f"the payload's files (trainer/, ops/fleet/agent.py) changed during each of {MEASURE_ATTEMPTS} "
-                       f"measurements of {len(hosts)} host(s); run the benchmark on a checkout that nobody edits")
+                       f"measurements of {len(hosts)} host(s); run the benchmark on a checkout that no one edits")
 
 
 def measure_host_count(hosts: list[SshHost], inventory: Path, env_file: Path, study: str) -> dict[str, Measurement]:

@@ -290,6 +290,13 @@ def _report(report: transfer.TransferReport, fmt: str) -> None:
                f"({', '.join(f'{state.lower()} {count}' for state, count in report.trials.items() if count)})")
 
 
+def _copy_and_report(name: str, source_url: str, target_url: str, running: str, fmt: str) -> None:
+    report = transfer.copy_study(studies.open_storage(source_url), studies.open_storage(target_url), name,
+                                 source_label=mask_url(source_url), target_label=mask_url(target_url),
+                                 running=running)
+    _report(report, fmt)
+
+
 def register_study_commands(study_group: click.Group) -> None:
     """Add `export` and `import` to the study group."""
 
@@ -304,11 +311,7 @@ def register_study_commands(study_group: click.Group) -> None:
                      fmt: str) -> None:
         """Copy study NAME into another storage: another server, another major, or a SQLite file."""
         target_url = _other_storage_url(url, to_env_file, "--to")
-        source_url = storage_config.resolve_storage_url(env_file)
-        report = transfer.copy_study(studies.open_storage(source_url), studies.open_storage(target_url), name,
-                                     source_label=mask_url(source_url), target_label=mask_url(target_url),
-                                     running=running)
-        _report(report, fmt)
+        _copy_and_report(name, storage_config.resolve_storage_url(env_file), target_url, running, fmt)
 
     @study_group.command("import")
     @click.argument("name")
@@ -321,8 +324,4 @@ def register_study_commands(study_group: click.Group) -> None:
                      fmt: str) -> None:
         """Copy study NAME from another storage, such as a SQLite file, into this fleet's storage."""
         source_url = _other_storage_url(url, from_env_file, "--from")
-        target_url = storage_config.resolve_storage_url(env_file)
-        report = transfer.copy_study(studies.open_storage(source_url), studies.open_storage(target_url), name,
-                                     source_label=mask_url(source_url), target_label=mask_url(target_url),
-                                     running=running)
-        _report(report, fmt)
+        _copy_and_report(name, source_url, storage_config.resolve_storage_url(env_file), running, fmt)

@@ -34,9 +34,9 @@ SCRIPT_TIMEOUT_S = 3600
 # Seconds an interrupted backup script may take to remove its partial directory.
 INTERRUPT_GRACE_S = 60
 
-# What `sudo -n` prints when the login account may not switch to the server's account
+# Messages of `sudo -n` when the login account cannot switch to the server's account
 # without a password or a terminal.
-SUDO_REFUSALS = ("sudo: a password is required", "sudo: a terminal is required")
+SUDO_DENIALS = ("sudo: a password is required", "sudo: a terminal is required")
 
 
 @dataclass(frozen=True)
@@ -183,7 +183,7 @@ class BackupHost:
         return result
 
     def _failure_hint(self, output: str) -> str:
-        if any(message in output for message in SUDO_REFUSALS):
+        if any(message in output for message in SUDO_DENIALS):
             return (f"pass --no-sudo if the server was provisioned with --no-sudo, or allow {self.login_account} "
                     f"to run commands as {self.site.account} with `sudo -n` (no password)")
         return f"check that {self.site.python} exists there and that {self.site.account} can reach the server"

@@ -25,7 +25,7 @@ from ops import board, output, paths, progress, provision, secrets, storage_conf
 from ops.errors import TunefleetError
 
 STOP_TIMEOUT_S = 60
-# prctl(2) option that asks for a signal when the parent process exits (linux/prctl.h).
+# prctl(2) option that requests a signal when the parent process exits (linux/prctl.h).
 PR_SET_PDEATHSIG = 1
 DEMO_HEARTBEAT_S = 10
 

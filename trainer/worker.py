@@ -268,7 +268,7 @@ class Worker:
         self._stop_event.wait(self.wait_seconds)
 
     def _fail_stale_trials(self, due_only: bool) -> None:
-        """Fail and queue again the trials of dead workers, at most once per heartbeat interval."""
+        """Fail and queue again the trials of dead workers; with `due_only`, at most once per heartbeat interval."""
         now = time.monotonic()
         if due_only and now < self._next_stale_check:
             return

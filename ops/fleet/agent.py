@@ -73,7 +73,7 @@ def _cached_python_facts(base_dir: Path, gpus_seen: list[Any]) -> dict[str, Any]
 
     Importing torch takes a second or more of CPU, most of a redeploy that uploads
     nothing. The cache key is the interpreter, the payload on sys.path and what
-    nvidia-smi reported. It also holds the modification time of every sys.path
+    nvidia-smi reported. It also contains the modification time of every sys.path
     directory, which changes whenever a package is installed, upgraded or removed there.
     """
     key = {

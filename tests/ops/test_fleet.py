@@ -168,8 +168,8 @@ def account_processes(host: SshHost) -> list[int]:
 
 
 def test_connection_sends_large_stdin_whole(inventory):
-    # Invoke forwards a non-terminal stdin one byte per 10 ms, which would take about
-    # 40 minutes for this input and time out; the connection sends it in one write.
+    # Invoke forwards a non-terminal stdin one byte per 10 ms, so this input would take
+    # about 40 minutes and time out. The connection sends it in one write instead.
     data = "".join(f"{number:07d}\n" for number in range(32_768))
     host = load_gpu_hosts(inventory)[0]
     with HostConnection(host, FAST) as connection:
